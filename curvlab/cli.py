@@ -1,0 +1,131 @@
+"""Command-line interface: thin click commands over the Python API.
+
+Every command exits 0 on success. Errors caused by input print one line ``error: ...`` on
+stderr and exit 1 (usage errors exit 2); ``curvlab --debug ...`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+import curvlab
+from curvlab.errors import CurvlabError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(curvlab.__version__, prog_name="curvlab")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """curvlab: exact Hessian and Gauss-Newton curvature of transformer language models."""
+
+
+@cli.command()
+@click.option("--preset", "preset_name", default="tiny", show_default=True,
+              help="Model preset: " + ", ".join(curvlab.models.PRESETS) + ".")
+@click.option("--vocab-size", type=int, help="Override the preset's vocabulary size.")
+@click.option("--seq-len", type=int, help="Override the preset's sequence length.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Initialization seed.")
+@click.option("--data", "data_source", default="default", show_default=True,
+              help="Data source recorded in the checkpoint (default corpus, text file, .bin).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint file to write.")
+def init(preset_name: str, vocab_size: int | None, seq_len: int | None, seed: int,
+         data_source: str, out: str) -> None:
+    """Build a freshly initialized model from a preset and save it as a checkpoint."""
+    config = curvlab.preset(preset_name, vocab_size=vocab_size, seq_len=seq_len)
+    spec = curvlab.DataSpec(source=data_source, seq_len=config.seq_len, seed=seed)
+    curvlab.BatchStream(spec).check_vocab(config.vocab_size)
+    model = curvlab.build_model(config, seed=seed)
+    path = curvlab.save_checkpoint(
+        out, model, step=0, optimizer={"name": "init", "hparams": {"seed": seed}},
+        data=spec.to_dict(),
+    )
+    n = curvlab.models.num_parameters(model)
+    click.echo(f"wrote {path} ({config.family} preset {preset_name}, {n:,} parameters)")
+
+
+def _info_dict(path: str) -> dict[str, Any]:
+    model, info = curvlab.load_checkpoint(path)
+    part = curvlab.layer_partition(model)
+    return {
+        "path": info.path,
+        "format": info.kind,
+        "family": info.config.family,
+        "config": info.config.to_dict(),
+        "parameters": curvlab.models.num_parameters(model),
+        "blocks": {
+            "preset": "layer",
+            "names": part.names,
+            "sizes": part.sizes,
+            "params": {b.name: list(b.params) for b in part},
+        },
+        "step": info.step,
+        "optimizer": info.optimizer,
+        "metrics": info.metrics,
+        "data": info.data,
+        "curvlab_version": info.curvlab_version,
+    }
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info(checkpoint: str, as_json: bool) -> None:
+    """Describe a checkpoint: model, parameter blocks, training step, metrics, data."""
+    d = _info_dict(checkpoint)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    cfg = d["config"]
+    click.echo(f"checkpoint  {d['path']}  ({d['format']} format)")
+    click.echo(f"model       {d['family']}: d_model={cfg['d_model']} layers={cfg['n_layers']} "
+               f"heads={cfg['n_heads']} d_ff={cfg['d_ff']} vocab={cfg['vocab_size']} "
+               f"seq_len={cfg['seq_len']}")
+    click.echo(f"parameters  {d['parameters']:,}")
+    opt = d["optimizer"].get("name", "?") if d["optimizer"] else "?"
+    click.echo(f"step        {d['step']}  (optimizer: {opt})")
+    if d["metrics"]:
+        metrics = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in d["metrics"].items())
+        click.echo(f"metrics     {metrics}")
+    if d["data"]:
+        data = "  ".join(f"{k}={v}" for k, v in d["data"].items())
+        click.echo(f"data        {data}")
+    click.echo("blocks (layer partition):")
+    width = max(len(n) for n in d["blocks"]["names"])
+    for name, size in zip(d["blocks"]["names"], d["blocks"]["sizes"]):
+        params = ", ".join(d["blocks"]["params"][name])
+        if len(params) > 60:
+            params = params[:57] + "..."
+        click.echo(f"  {name:<{width}}  {size:>12,}  {params}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point with one-line errors (tracebacks only with ``--debug``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        rv = cli.main(args=args, prog_name="curvlab", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except CurvlabError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except Exception as e:
+        if debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        click.echo(f"error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
+                   err=True)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+import curvlab
+from curvlab.models import ModelConfig, build_model
+
+torch.set_num_threads(2)
+
+# Small enough for dense curvature in float64, large enough to have every kind of layer.
+LLAMA_TEST = ModelConfig("llama", vocab_size=32, seq_len=8, d_model=8, n_layers=2, n_heads=2,
+                         d_ff=12)
+GPT_TEST = ModelConfig("gpt", vocab_size=32, seq_len=8, d_model=8, n_layers=2, n_heads=2,
+                       d_ff=16, bias=True, tie_embeddings=True)
+
+
+def make_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float64):
+    model = build_model(cfg, seed=seed).to(dtype)
+    # perturb norm weights and biases away from 1 / 0 so that their derivatives are generic
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=dtype))
+            else:
+                p.mul_(10.0)  # O(1) logits: curvature that is not dominated by the uniform softmax
+    return model.eval()
+
+
+def make_batch(cfg: ModelConfig, batch_size: int = 2, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), generator=gen)
+    return curvlab.Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+
+
+@pytest.fixture(params=["llama", "gpt"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def cfg(family):
+    return LLAMA_TEST if family == "llama" else GPT_TEST
