@@ -1,0 +1,74 @@
+"""Curvature of the loss in logit space: the middle factor M of ``Jᵀ M J``.
+
+For the mean token cross-entropy ``L = (1/N) Σ_n ℓ_n``, ``ℓ_n = −log softmax(z_n)[y_n]`` over the
+N non-ignored target tokens (of all batches that form the loss), the per-token matrices are
+
+- ``ggn``: the exact Hessian ``∂²L/∂z_n² = (diag(p_n) − p_n p_nᵀ) / N``;
+- ``efisher`` (empirical Fisher): ``g_n g_nᵀ / N`` with ``g_n = p_n − e_{y_n} = ∂ℓ_n/∂z_n``;
+- ``mcfisher`` (Monte-Carlo Fisher): ``(1/K) Σ_k ĝ_nk ĝ_nkᵀ / N`` with ``ĝ_nk = p_n − e_{ŷ_nk}``
+  and labels ``ŷ_nk ~ softmax(z_n)`` drawn with an explicit seed; its expectation is ``ggn``.
+
+Ignored tokens have ``M_n = 0``. Products are computed in chunks of tokens so that a large
+vocabulary does not need several ``[N, V]`` temporaries at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("ggn", "efisher", "mcfisher")
+
+
+class LogitCurvature:
+    """Block-diagonal (per token) logit-space matrix for one batch.
+
+    ``logits`` are ``[N, V]`` (detached), ``targets`` ``[N]``; ``scale`` is ``1/N_total``, the
+    normalization of the mean loss over all tokens of all batches the operator sums over.
+    """
+
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        kind: str = "ggn",
+        scale: float,
+        ignore_index: int = -100,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        chunk_tokens: int = 4096,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown logit curvature {kind!r}; expected one of {KINDS}")
+        self.kind = kind
+        self.scale = scale
+        self.chunk = max(1, chunk_tokens)
+        self.mask = (targets != ignore_index).to(logits.dtype)
+        self.probs = torch.softmax(logits.detach(), dim=-1)
+        self.factors: torch.Tensor | None = None  # [K, N, V] for the Fisher kinds
+        if kind != "ggn":
+            safe = torch.where(targets == ignore_index, 0, targets)
+            if kind == "efisher":
+                labels = safe[None]
+            else:
+                labels = torch.multinomial(
+                    self.probs.float().cpu(), mc_samples, replacement=True, generator=generator
+                ).T.to(logits.device)
+            onehot = torch.nn.functional.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+            self.factors = (self.probs[None] - onehot) * self.mask[None, :, None]
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        """``M u`` for ``u`` of shape ``[N, V]``."""
+        out = []
+        for i in range(0, u.shape[0], self.chunk):
+            j = min(i + self.chunk, u.shape[0])
+            uc, w = u[i:j], self.mask[i:j, None] * self.scale
+            if self.kind == "ggn":
+                p = self.probs[i:j]
+                pu = p * uc
+                out.append((pu - p * pu.sum(-1, keepdim=True)) * w)
+            else:
+                f = self.factors[:, i:j]  # [K, n, V]
+                coef = (f * uc[None]).sum(-1, keepdim=True)  # [K, n, 1]
+                out.append((f * coef).mean(0) * self.scale)
+        return out[0] if len(out) == 1 else torch.cat(out)

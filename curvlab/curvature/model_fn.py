@@ -1,0 +1,51 @@
+"""The model as a pure function of (a subset of) its parameters, for ``torch.func``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from curvlab.errors import CurvlabError
+
+LogitsFn = Callable[[nn.Module, Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def extract_logits(output: Any) -> torch.Tensor:
+    """Logits from a model output: a tensor, a tuple/list whose first item is one, or ``.logits``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise CurvlabError(
+        f"cannot find logits in the model output of type {type(output).__name__}; "
+        "pass logits_fn=... to say how to get them"
+    )
+
+
+def default_logits_fn(
+    model: nn.Module, params: Mapping[str, torch.Tensor], inputs: torch.Tensor
+) -> torch.Tensor:
+    """``model(inputs)`` evaluated at ``params`` (tied weights follow their first name)."""
+    return extract_logits(functional_call(model, dict(params), (inputs,), tie_weights=True))
+
+
+def model_params(
+    model: nn.Module, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """Detached unique parameters in ``named_parameters()`` order, optionally cast / moved."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        if dtype is not None or device is not None:
+            t = t.to(device=device, dtype=dtype)
+        out[name] = t
+    return out

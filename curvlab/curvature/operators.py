@@ -1,0 +1,481 @@
+"""Matrix-free curvature operators of the mean token cross-entropy.
+
+``L(θ) = (1/N) Σ_n ℓ_n(θ)``, the mean over the N non-ignored target tokens of all batches given.
+θ is restricted to the coordinates of a block partition (others stay fixed).
+
+- :func:`ggn`: ``G = Jᵀ H_z J`` — J the Jacobian of the logits, H_z the analytic softmax
+  cross-entropy Hessian in logit space (:mod:`curvlab.curvature.logit_space`). A product is one
+  forward pass carrying tangents (``J v``), the logit-space product, and one VJP (``Jᵀ u``).
+  On a fixed batch the linearization is cached (``torch.func.linearize`` for ``J v``, a stored
+  VJP for ``Jᵀ u``) and reused across products.
+- :func:`hessian`: ``H = ∂²L/∂θ²`` by forward-over-reverse (``jvp`` of ``grad``), the path that
+  is correct through ``layer_norm``.
+- :func:`fisher`: empirical (``kind="empirical"``) or Monte-Carlo (``kind="mc"``) Fisher,
+  ``Jᵀ M J`` with the per-token outer products of logit gradients (true or sampled labels).
+
+All are :class:`CurvatureOperator`: ``op @ v`` for a vector, ``op @ V`` for a matrix of columns
+(``vmap``), ``op.block(row, col)``, ``op.block_diagonal()``, ``op.to_dense()``,
+``op.to_scipy()``. Every product runs with gradient mode on and the math attention kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import grad, jvp, linearize, vjp, vmap
+
+from curvlab.curvature.blocks import Partition, partition
+from curvlab.curvature.logit_space import LogitCurvature
+from curvlab.curvature.model_fn import LogitsFn, default_logits_fn, model_params
+from curvlab.curvature.space import BlockSpace
+from curvlab.data.batches import Batch
+from curvlab.errors import ConfigError, CurvlabError
+from curvlab.models.attention import math_attention
+
+
+class CacheWarning(UserWarning):
+    """The linearization cache would not fit; products recompute it."""
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes of free memory on ``device`` (host RAM for CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def _as_batches(batches: Batch | Sequence[Batch] | Any) -> list[Batch]:
+    if isinstance(batches, Batch):
+        return [batches]
+    if isinstance(batches, (tuple, list)) and len(batches) == 2 and all(
+        isinstance(b, torch.Tensor) for b in batches
+    ):
+        return [Batch(batches[0], batches[1])]
+    out = list(batches)
+    if not out or not all(isinstance(b, Batch) for b in out):
+        raise ConfigError("batches must be a Batch, a list of Batch, or an (inputs, targets) pair")
+    return out
+
+
+class _Engine:
+    """Products with the curvature of one model on fixed batches, over ``names`` parameters."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Batch | Sequence[Batch],
+        names: list[str],
+        kind: str,
+        *,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+        ignore_index: int,
+        cache: bool | str,
+        chunk_tokens: int,
+        mc_samples: int = 1,
+        seed: int = 0,
+        logits_fn: LogitsFn | None = None,
+        cache_fraction: float = 0.5,
+    ) -> None:
+        self.model = model
+        self.kind = kind
+        self.logits_fn = logits_fn or default_logits_fn
+        self.params = model_params(model, dtype, device)
+        first = next(iter(self.params.values()))
+        self.dtype, self.device = first.dtype, first.device
+        if not self.dtype.is_floating_point:
+            raise ConfigError(f"parameters must be floating point, got {self.dtype}")
+        self.names = names
+        self.ignore_index = ignore_index
+        self.batches = [b.to(self.device) for b in _as_batches(batches)]
+        counts = [int((b.targets != ignore_index).sum()) for b in self.batches]
+        self.num_tokens = sum(counts)
+        if self.num_tokens == 0:
+            raise CurvlabError("the batches have no target tokens that are not ignored")
+        for name, p in self.params.items():
+            if not torch.isfinite(p).all():
+                raise CurvlabError(f"parameter {name} holds NaN or Inf values")
+        self.scale = 1.0 / self.num_tokens
+        self.generator = torch.Generator().manual_seed(seed)
+        self.mc_samples = mc_samples
+        self.chunk_tokens = chunk_tokens
+        self.cached = False
+        self._states: list[dict[str, Any]] | None = None
+        self._want_cache = cache
+        self._cache_fraction = cache_fraction
+
+    # -- the model as a function of the active parameters -----------------------------------
+    def _fn(self, batch: Batch):
+        frozen = {k: v for k, v in self.params.items() if k not in self.names}
+
+        def logits(active: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            out = self.logits_fn(self.model, {**frozen, **active}, batch.inputs)
+            return out.reshape(-1, out.shape[-1])
+
+        return logits
+
+    def active(self) -> dict[str, torch.Tensor]:
+        return {k: self.params[k] for k in self.names}
+
+    def estimate_cache_bytes(self) -> int:
+        """Bytes the linearization cache needs: tensors saved by one forward pass, times 2
+        (the ``J v`` graph and the VJP each keep their own), summed over batches."""
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        batch = self.batches[0]
+        active = {k: v.detach().requires_grad_(True) for k, v in self.active().items()}
+        with torch.enable_grad(), math_attention(), torch.autograd.graph.saved_tensors_hooks(
+            pack, lambda t: t
+        ):
+            self._fn(batch)(active)
+        return 2 * total * len(self.batches)
+
+    def _setup(self) -> None:
+        if self._states is not None:
+            return
+        want = self._want_cache
+        if self.kind == "hessian":
+            want = False
+        elif want == "auto":
+            need = self.estimate_cache_bytes()
+            budget = self._cache_fraction * available_memory(self.device)
+            want = need <= budget
+            if not want:
+                warnings.warn(
+                    f"curvature cache would need {need / 2**30:.1f} GiB of "
+                    f"{budget / 2**30:.1f} GiB allowed; recomputing the linearization per "
+                    "product (slower, less memory)",
+                    CacheWarning,
+                    stacklevel=3,
+                )
+        self.cached = bool(want)
+        states = []
+        with torch.enable_grad(), math_attention():
+            for batch in self.batches:
+                fn = self._fn(batch)
+                state: dict[str, Any] = {"fn": fn, "batch": batch}
+                targets = batch.targets.reshape(-1)
+                if self.kind != "hessian":
+                    if self.cached:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore", UserWarning)
+                            z, state["jvp"] = linearize(fn, self.active())
+                        _, state["vjp"] = vjp(fn, self.active())
+                    else:
+                        with torch.no_grad():
+                            z = fn(self.active())
+                    state["M"] = LogitCurvature(
+                        z.detach(), targets, kind=self.kind, scale=self.scale,
+                        ignore_index=self.ignore_index, mc_samples=self.mc_samples,
+                        generator=self.generator, chunk_tokens=self.chunk_tokens,
+                    )
+                states.append(state)
+        self._states = states
+
+    # -- products -------------------------------------------------------------------------
+    def _loss_fn(self, state: dict[str, Any]):
+        fn, targets = state["fn"], state["batch"].targets.reshape(-1)
+
+        def loss(active: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            ce = torch.nn.functional.cross_entropy(
+                fn(active), targets, ignore_index=self.ignore_index, reduction="sum"
+            )
+            return ce * self.scale
+
+        return loss
+
+    def _product_one(self, state: dict[str, Any], t: dict[str, torch.Tensor]):
+        if self.kind == "hessian":
+            return jvp(grad(self._loss_fn(state)), (self.active(),), (t,))[1]
+        M = state["M"]
+        if self.cached:
+            return state["vjp"](M(state["jvp"](t)))[0]
+        fn = state["fn"]
+
+        def with_tangent(p):
+            z, jz = jvp(fn, (p,), (t,))
+            return z, jz
+
+        _, vjp_fn, jz = vjp(with_tangent, self.active(), has_aux=True)
+        return vjp_fn(M(jz))[0]
+
+    def product(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Curvature times tangent ``t`` (dict over ``names``), summed over batches."""
+        self._setup()
+        total = None
+        with torch.enable_grad(), math_attention(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for state in self._states:
+                out = self._product_one(state, t)
+                total = out if total is None else {k: total[k] + out[k] for k in out}
+        return total
+
+
+class CurvatureOperator:
+    """A curvature matrix restricted to (row space) x (column space) of a block partition.
+
+    ``shape = (rows, cols)``; square for the operator on a whole partition. Supports
+    ``op @ v`` (1-D vector, ``[cols, k]`` matrix, or per-parameter dict), :meth:`matmat`,
+    :meth:`block`, :meth:`block_diagonal`, :meth:`to_dense`, :meth:`to_scipy`.
+    """
+
+    def __init__(
+        self, engine: _Engine, partition: Partition, row: BlockSpace, col: BlockSpace,
+        label: str,
+    ) -> None:
+        self.engine = engine
+        self.partition = partition
+        self.row_space, self.col_space = row, col
+        self.label = label
+        self.kind = engine.kind
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.row_space.size, self.col_space.size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def num_tokens(self) -> int:
+        return self.engine.num_tokens
+
+    def __repr__(self) -> str:
+        return (f"CurvatureOperator({self.label}, shape={self.shape}, dtype={self.dtype}, "
+                f"device={self.device}, tokens={self.num_tokens})")
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        e = self.engine
+        t = self.col_space.to_tangents(v, e.names, e.params)
+        return self.row_space.from_tangents(e.product(t))
+
+    def __matmul__(self, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            flat = self.col_space.flatten_dict(v).to(self.dtype)
+            return self.row_space.unflatten(self @ flat)
+        if not isinstance(v, torch.Tensor):
+            v = torch.as_tensor(np.asarray(v))
+        v = v.to(device=self.device, dtype=self.dtype)
+        if v.ndim == 1:
+            if v.shape[0] != self.shape[1]:
+                raise ConfigError(f"vector has {v.shape[0]} entries, operator has {self.shape[1]} "
+                                  "columns")
+            return self._matvec(v)
+        if v.ndim == 2:
+            return self.matmat(v)
+        raise ConfigError(f"operator products take 1-D or 2-D tensors, got {v.ndim}-D")
+
+    def matmat(self, V: torch.Tensor, chunk_size: int | None = 32) -> torch.Tensor:
+        """``op @ V`` for ``V`` of shape ``[cols, k]``, vmapped in chunks of ``chunk_size``."""
+        V = V.to(device=self.device, dtype=self.dtype)
+        if V.shape[0] != self.shape[1]:
+            raise ConfigError(f"matrix has {V.shape[0]} rows, operator has {self.shape[1]} columns")
+        if V.shape[1] == 1:
+            return self._matvec(V[:, 0])[:, None]
+        self.engine._setup()
+        return vmap(self._matvec, in_dims=1, out_dims=1, chunk_size=chunk_size)(V)
+
+    def block(self, row: str, col: str | None = None) -> CurvatureOperator:
+        """The (row block, column block) sub-operator (the diagonal block if ``col`` is None)."""
+        col = row if col is None else col
+        rows = BlockSpace(self.partition.select([row]), self.row_space.shapes)
+        cols = BlockSpace(self.partition.select([col]), self.col_space.shapes)
+        return CurvatureOperator(self.engine, self.partition, rows, cols,
+                                 f"{self.kind}[{row}, {col}]")
+
+    def block_diagonal(self) -> BlockDiagonalOperator:
+        """The layerwise operator ``blockdiag(C_11, ..., C_bb)`` of the partition."""
+        return BlockDiagonalOperator([self.block(n) for n in self.partition.names], self)
+
+    def to_dense(self, chunk_size: int | None = 32) -> torch.Tensor:
+        """The matrix ``[rows, cols]``, column chunk by column chunk."""
+        n = self.shape[1]
+        step = chunk_size or n
+        cols = []
+        for i in range(0, n, step):
+            j = min(n, i + step)
+            eye = torch.zeros(n, j - i, dtype=self.dtype, device=self.device)
+            eye[torch.arange(i, j), torch.arange(j - i)] = 1
+            cols.append(self.matmat(eye, chunk_size))
+        return torch.cat(cols, dim=1)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (numpy in/out, float64 numpy dtype)."""
+        return _to_scipy(self)
+
+
+class BlockDiagonalOperator:
+    """``blockdiag`` of the diagonal blocks of a curvature operator (layerwise curvature)."""
+
+    def __init__(self, blocks: list[CurvatureOperator], parent: CurvatureOperator) -> None:
+        self.blocks = blocks
+        self.parent = parent
+        self.partition = parent.partition
+        self.kind = parent.kind
+        self.sizes = [b.shape[0] for b in blocks]
+
+    shape = property(lambda self: self.parent.shape)
+    dtype = property(lambda self: self.parent.dtype)
+    device = property(lambda self: self.parent.device)
+
+    def __repr__(self) -> str:
+        return f"BlockDiagonalOperator({self.kind}, blocks={self.partition.names})"
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        v = torch.as_tensor(v).to(device=self.device, dtype=self.dtype)
+        parts = torch.split(v, self.sizes, dim=0)
+        return torch.cat([b @ p for b, p in zip(self.blocks, parts)], dim=0)
+
+    def matmat(self, V: torch.Tensor, chunk_size: int | None = 32) -> torch.Tensor:
+        parts = torch.split(V.to(device=self.device, dtype=self.dtype), self.sizes, dim=0)
+        return torch.cat([b.matmat(p, chunk_size) for b, p in zip(self.blocks, parts)], dim=0)
+
+    def to_dense(self, chunk_size: int | None = 32) -> torch.Tensor:
+        return torch.block_diag(*[b.to_dense(chunk_size) for b in self.blocks])
+
+    def to_scipy(self):
+        return _to_scipy(self)
+
+
+def _to_scipy(op):
+    from scipy.sparse.linalg import LinearOperator
+
+    def mv(x):
+        x = torch.as_tensor(np.asarray(x, dtype=np.float64))
+        return (op @ x).detach().cpu().double().numpy()
+
+    def mm(X):
+        X = torch.as_tensor(np.asarray(X, dtype=np.float64))
+        return op.matmat(X).detach().cpu().double().numpy()
+
+    return LinearOperator(op.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)
+
+
+def _partition_for(model: nn.Module, blocks: Partition | str | Sequence[str] | None) -> Partition:
+    if isinstance(blocks, Partition):
+        return blocks
+    if blocks is None:
+        try:
+            return partition(model, "layer")
+        except ConfigError:
+            return partition(model, "param")
+    return partition(model, blocks)
+
+
+def _make(
+    kind: str,
+    model: nn.Module,
+    batches: Batch | Sequence[Batch],
+    blocks: Partition | str | Sequence[str] | None,
+    **kw: Any,
+) -> CurvatureOperator:
+    part = _partition_for(model, blocks)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    space = BlockSpace(part, shapes)
+    engine = _Engine(model, batches, space.params, kind, **kw)
+    return CurvatureOperator(engine, part, space, space, kind)
+
+
+def ggn(
+    model: nn.Module,
+    batches: Batch | Sequence[Batch],
+    blocks: Partition | str | Sequence[str] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    ignore_index: int = -100,
+    cache: bool | str = "auto",
+    chunk_tokens: int = 4096,
+    logits_fn: LogitsFn | None = None,
+) -> CurvatureOperator:
+    """Generalized Gauss-Newton ``G = Jᵀ H_z J`` of the mean token cross-entropy.
+
+    ``H_z`` is per token ``(diag(p) − p pᵀ)/N`` (N = non-ignored tokens of all ``batches``);
+    J the Jacobian of the logits w.r.t. the partition's coordinates (``blocks``: a
+    :class:`Partition`, a preset name or globs; default the layer partition). ``cache``:
+    ``"auto"`` caches the linearization when it fits in half the free memory, else recomputes
+    per product (with a :class:`CacheWarning`); ``True``/``False`` force it.
+    """
+    return _make("ggn", model, batches, blocks, dtype=dtype, device=device,
+                 ignore_index=ignore_index, cache=cache, chunk_tokens=chunk_tokens,
+                 logits_fn=logits_fn)
+
+
+def hessian(
+    model: nn.Module,
+    batches: Batch | Sequence[Batch],
+    blocks: Partition | str | Sequence[str] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    ignore_index: int = -100,
+    logits_fn: LogitsFn | None = None,
+) -> CurvatureOperator:
+    """Hessian ``H = ∂²L/∂θ²`` of the mean token cross-entropy (forward-over-reverse)."""
+    return _make("hessian", model, batches, blocks, dtype=dtype, device=device,
+                 ignore_index=ignore_index, cache=False, chunk_tokens=4096, logits_fn=logits_fn)
+
+
+def fisher(
+    model: nn.Module,
+    batches: Batch | Sequence[Batch],
+    blocks: Partition | str | Sequence[str] | None = None,
+    *,
+    kind: str = "empirical",
+    mc_samples: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    ignore_index: int = -100,
+    cache: bool | str = "auto",
+    chunk_tokens: int = 4096,
+    logits_fn: LogitsFn | None = None,
+) -> CurvatureOperator:
+    """Fisher ``Jᵀ M J``: ``kind="empirical"`` uses the true labels, ``M_n = g_n g_nᵀ / N``
+    with ``g_n = ∂ℓ_n/∂z_n``; ``kind="mc"`` draws ``mc_samples`` labels per token from the
+    model's softmax (``seed``), an unbiased estimate of the GGN."""
+    kinds = {"empirical": "efisher", "mc": "mcfisher"}
+    if kind not in kinds:
+        raise ConfigError(f"unknown Fisher kind {kind!r}; expected empirical or mc")
+    return _make(kinds[kind], model, batches, blocks, dtype=dtype, device=device,
+                 ignore_index=ignore_index, cache=cache, chunk_tokens=chunk_tokens,
+                 mc_samples=mc_samples, seed=seed, logits_fn=logits_fn)
+
+
+CURVATURES = {"ggn": ggn, "hessian": hessian, "efisher": fisher, "mcfisher": fisher}
+
+
+def curvature(kind: str, model: nn.Module, batches, blocks=None, **kw: Any) -> CurvatureOperator:
+    """Operator by name: ``ggn``, ``hessian``, ``efisher`` (empirical Fisher), ``mcfisher``."""
+    if kind not in CURVATURES:
+        raise ConfigError(f"unknown curvature {kind!r}; valid: {', '.join(CURVATURES)}")
+    if kind == "hessian":
+        kw.pop("cache", None)
+        kw.pop("chunk_tokens", None)
+    if kind in ("efisher", "mcfisher"):
+        kw["kind"] = "empirical" if kind == "efisher" else "mc"
+    return CURVATURES[kind](model, batches, blocks, **kw)
