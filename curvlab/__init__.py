@@ -1,9 +1,36 @@
-"""curvlab: exact curvature analysis for transformer language models."""
+"""curvlab: exact curvature analysis for transformer language models.
+
+Public API (see docs/api.md):
+
+- models and data: :func:`preset`, :func:`build_model`, :func:`lm_loss`, :class:`DataSpec`,
+  :class:`BatchStream`, :class:`Batch`, :func:`load_corpus`;
+- checkpoints: :func:`load_checkpoint`, :func:`save_checkpoint`;
+- partitions: :func:`partition`, :func:`layer_partition`, :func:`param_partition`;
+- curvature operators: :func:`ggn`, :func:`hessian`, :func:`fisher`, :func:`curvature_operator`;
+- checks: :func:`verify_operators`.
+"""
 
 __version__ = "0.1.0"
 
+from curvlab import data, errors, models  # noqa: E402
 from curvlab.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint  # noqa: E402
-from curvlab.curvature.blocks import Partition, layer_partition, param_partition, partition  # noqa: E402
+from curvlab.curvature.blocks import (  # noqa: E402
+    Block,
+    Part,
+    Partition,
+    layer_partition,
+    param_partition,
+    partition,
+)
+from curvlab.curvature.operators import (  # noqa: E402
+    BlockDiagonalOperator,
+    CurvatureOperator,
+    curvature_operator,
+    fisher,
+    ggn,
+    hessian,
+)
+from curvlab.curvature.verify import verify_operators  # noqa: E402
 from curvlab.data import Batch, BatchStream, DataSpec, load_corpus  # noqa: E402
 from curvlab.errors import CurvlabError  # noqa: E402
 from curvlab.models import ModelConfig, build_model, lm_loss, math_attention, preset  # noqa: E402
@@ -11,20 +38,32 @@ from curvlab.models import ModelConfig, build_model, lm_loss, math_attention, pr
 __all__ = [
     "Batch",
     "BatchStream",
+    "Block",
+    "BlockDiagonalOperator",
     "CheckpointInfo",
+    "CurvatureOperator",
     "CurvlabError",
     "DataSpec",
     "ModelConfig",
+    "Part",
     "Partition",
     "__version__",
     "build_model",
+    "curvature_operator",
+    "data",
+    "errors",
+    "fisher",
+    "ggn",
+    "hessian",
     "layer_partition",
     "lm_loss",
     "load_checkpoint",
     "load_corpus",
     "math_attention",
+    "models",
     "param_partition",
     "partition",
     "preset",
     "save_checkpoint",
+    "verify_operators",
 ]

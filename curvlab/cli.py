@@ -104,6 +104,95 @@ def info(checkpoint: str, as_json: bool) -> None:
         click.echo(f"  {name:<{width}}  {size:>12,}  {params}")
 
 
+DTYPES = {"float32": "float32", "float64": "float64"}
+
+
+def data_options(f):
+    """The data options shared by the analysis commands (defaults from the checkpoint)."""
+    options = [
+        click.option("--data", "data_source", default=None,
+                     help="Data source: 'default', a text file, a nanoGPT .bin file or folder "
+                          "(default: the checkpoint's)."),
+        click.option("--batch-size", type=int, default=None,
+                     help="Sequences per batch (default: the checkpoint's, else 8)."),
+        click.option("--seq-len", type=int, default=None,
+                     help="Tokens per sequence (default: the checkpoint's, else the model's)."),
+        click.option("--batches", "num_batches", type=int, default=1, show_default=True,
+                     help="Number of batches the curvature is averaged over."),
+        click.option("--seed", type=int, default=None, help="Data seed (default: the "
+                                                            "checkpoint's, else 0)."),
+        click.option("--windows", type=click.Choice(["random", "contiguous"]), default=None,
+                     help="Random windows (seeded) or contiguous windows of the token stream."),
+        click.option("--split", type=click.Choice(["train", "val"]), default="train",
+                     show_default=True, help="Which data split the batches come from."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def load_analysis_inputs(checkpoint: str, data_source, batch_size, seq_len, num_batches, seed,
+                         windows, split, dtype: str | None = None, device: str | None = None):
+    """Load a checkpoint and the analysis batches its data options describe."""
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[dtype]
+    model, info = curvlab.load_checkpoint(checkpoint, device=device or "cpu", dtype=torch_dtype)
+    base = dict(info.data)
+    base.setdefault("seq_len", info.config.seq_len)
+    spec = curvlab.data.analysis_spec(base, source=data_source, batch_size=batch_size,
+                                      seq_len=seq_len, seed=seed, windows=windows)
+    if spec.seq_len > info.config.seq_len and info.config.family == "gpt":
+        raise curvlab.errors.DataError(
+            f"--seq-len {spec.seq_len} exceeds the model's {info.config.seq_len} positions")
+    batches = curvlab.data.analysis_batches(spec, num_batches, info.config.vocab_size, split)
+    return model, info, spec, batches
+
+
+@cli.command()
+@click.argument("checkpoint", required=False, type=click.Path())
+@click.option("--blocks", "block_specs", multiple=True,
+              help="Blocks to check (preset or globs/slices; default: a few small blocks).")
+@data_options
+def verify(checkpoint, block_specs, data_source, batch_size, seq_len, num_batches, seed,
+           windows, split) -> None:
+    """Check the curvature operators against double backward, finite differences and an
+    explicit Jacobian, in float64. Without CHECKPOINT: on tiny LLaMA and GPT models."""
+    from curvlab.curvature.blocks import partition
+    from curvlab.curvature.verify import small_blocks, verify_operators
+
+    cases = []
+    if checkpoint is None:
+        spec = curvlab.DataSpec(seq_len=seq_len or 16, batch_size=batch_size or 2,
+                                seed=seed or 0, windows=windows or "random")
+        for name in ("tiny", "gpt-tiny"):
+            cfg = curvlab.preset(name, seq_len=max(spec.seq_len, 16))
+            model = curvlab.build_model(cfg, seed=0).eval()
+            batches = curvlab.data.analysis_batches(spec, 1, cfg.vocab_size, split)
+            cases.append((f"{name} (untrained, {cfg.family})", model, batches[0]))
+    else:
+        model, info, spec, batches = load_analysis_inputs(
+            checkpoint, data_source, batch_size or 1, seq_len or min(16, 1 << 30), 1, seed,
+            windows, split)
+        cases.append((checkpoint, model, batches[0]))
+    failed = 0
+    for label, model, batch in cases:
+        blocks = (partition(model, list(block_specs)) if block_specs else small_blocks(model))
+        click.echo(f"{label}: blocks {', '.join(blocks.names)} ({blocks.size} coordinates), "
+                   f"{batch.num_tokens} tokens, float64")
+        for r in verify_operators(model, batch, blocks, seed=seed or 0):
+            status = "INFO" if r.informational else ("PASS" if r.passed else "FAIL")
+            failed += not (r.passed or r.informational)
+            click.echo(f"  {status}  {r.name:<46} rel. error {r.error:9.2e}  "
+                       f"(tol {r.tolerance:.0e})")
+            if r.informational and not r.passed:
+                click.echo("        PyTorch's jacrev-based second derivatives are wrong on this "
+                           "model (pytorch/functorch#534); curvlab does not use them")
+    if failed:
+        raise curvlab.errors.CurvlabError(f"{failed} check(s) failed")
+    click.echo("all checks passed")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point with one-line errors (tracebacks only with ``--debug``)."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -15,7 +15,7 @@ LogitsFn = Callable[[nn.Module, Mapping[str, torch.Tensor], torch.Tensor], torch
 
 
 def extract_logits(output: Any) -> torch.Tensor:
-    """Logits from a model output: a tensor, a tuple/list whose first item is one, or ``.logits``."""
+    """Logits from a model output: a tensor, a tuple/list starting with one, or ``.logits``."""
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)

@@ -469,7 +469,9 @@ def fisher(
 CURVATURES = {"ggn": ggn, "hessian": hessian, "efisher": fisher, "mcfisher": fisher}
 
 
-def curvature(kind: str, model: nn.Module, batches, blocks=None, **kw: Any) -> CurvatureOperator:
+def curvature_operator(
+    kind: str, model: nn.Module, batches: Any, blocks: Any = None, **kw: Any
+) -> CurvatureOperator:
     """Operator by name: ``ggn``, ``hessian``, ``efisher`` (empirical Fisher), ``mcfisher``."""
     if kind not in CURVATURES:
         raise ConfigError(f"unknown curvature {kind!r}; valid: {', '.join(CURVATURES)}")

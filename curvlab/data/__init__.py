@@ -1,11 +1,20 @@
 """Data: the embedded corpus, user text and token files, deterministic batches."""
 
-from curvlab.data.batches import WINDOWS, Batch, BatchStream, DataSpec
+from curvlab.data.batches import (
+    WINDOWS,
+    Batch,
+    BatchStream,
+    DataSpec,
+    analysis_batches,
+    analysis_spec,
+)
 from curvlab.data.corpus import Corpus, default_text, load_corpus
 from curvlab.data.tokenizer import ByteTokenizer
 
 __all__ = [
     "WINDOWS",
+    "analysis_batches",
+    "analysis_spec",
     "Batch",
     "BatchStream",
     "ByteTokenizer",

@@ -118,3 +118,22 @@ class BatchStream:
 
     def batches(self, count: int, start: int = 0) -> list[Batch]:
         return [self.batch(start + i) for i in range(count)]
+
+
+def analysis_spec(base: dict[str, Any] | None = None, **overrides: Any) -> DataSpec:
+    """A :class:`DataSpec` from a stored one (e.g. a checkpoint's ``info.data``) with the
+    non-``None`` ``overrides`` applied; fields missing from both take their defaults."""
+    return DataSpec.from_dict(dict(base or {})).replace(**overrides)
+
+
+def analysis_batches(
+    spec: DataSpec, count: int, vocab_size: int | None = None, split: str = "train",
+    start: int = 0,
+) -> list[Batch]:
+    """Batches ``start .. start+count-1`` of ``spec`` (checked against ``vocab_size``)."""
+    if count < 1:
+        raise DataError(f"number of batches must be >= 1, got {count}")
+    stream = BatchStream(spec, split=split)
+    if vocab_size is not None:
+        stream.check_vocab(vocab_size)
+    return stream.batches(count, start)
