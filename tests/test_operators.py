@@ -47,10 +47,11 @@ def _double_backward_hessian(loss, theta):
     return torch.stack(rows)
 
 
-def test_hessian_equals_double_backward_and_finite_differences(cfg):
+@pytest.mark.parametrize("cache", [True, False])
+def test_hessian_equals_double_backward_and_finite_differences(cfg, cache):
     model, batch = make_model(cfg), make_batch(cfg)
     loss, _, theta = _flat_loss(model, batch)
-    H = hessian(model, batch).to_dense()
+    H = hessian(model, batch, cache=cache).to_dense()
     ref = _double_backward_hessian(loss, theta)
     assert (H - ref).norm() <= 1e-10 * ref.norm()
     # central differences of the gradient, column by column on a few coordinates per block
@@ -222,7 +223,11 @@ def test_product_forms(cfg):
     V = torch.randn(n, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     cols = torch.stack([op @ V[:, i] for i in range(5)], dim=1)
     assert torch.allclose(op @ V, cols, atol=1e-13)
-    assert torch.allclose(op.matmat(V, chunk_size=2), cols, atol=1e-13)
+    assert torch.allclose(op.matmat(V, chunk_size=2, vectorize=True), cols, atol=1e-13)
+    assert torch.allclose(op.matmat(V, vectorize=False), cols, atol=1e-13)
+    bd = op.block_diagonal()
+    assert torch.allclose(bd.matmat(V, vectorize=True), bd.matmat(V, vectorize=False),
+                          atol=1e-13)
     d = op.row_space.unflatten(V[:, 0])
     out = op @ d
     assert set(out) == set(d) and torch.allclose(op.row_space.flatten_dict(out), cols[:, 0])

@@ -1,0 +1,46 @@
+"""Numerical linear algebra on operators (``shape``, ``dtype``, ``device``, ``@``); no models.
+
+Free functions with explicit seeds returning frozen dataclasses:
+
+- :func:`lanczos` -> :class:`LanczosResult`: extreme eigenpairs (top, bottom or both).
+- :func:`spectral_density`, :func:`block_spectral_densities` -> :class:`SpectralDensity`:
+  stochastic Lanczos quadrature.
+- :func:`hutchinson`, :func:`hutchpp` -> :class:`TraceEstimate`: randomized traces.
+- :func:`cg` -> :class:`CGResult`: damped conjugate gradients.
+
+See ``docs/linalg.md``.
+"""
+
+from curvlab.linalg.cg import CGResult, cg
+from curvlab.linalg.errors import (
+    ConvergenceWarning,
+    GhostEigenvalueWarning,
+    LinalgWarning,
+    NotPositiveDefiniteError,
+)
+from curvlab.linalg.lanczos import LanczosResult, lanczos
+from curvlab.linalg.operator import DenseOperator, Operator, as_operator, check_operator, matmat
+from curvlab.linalg.slq import SpectralDensity, block_spectral_densities, spectral_density
+from curvlab.linalg.trace import TraceEstimate, hutchinson, hutchpp
+
+__all__ = [
+    "CGResult",
+    "ConvergenceWarning",
+    "DenseOperator",
+    "GhostEigenvalueWarning",
+    "LanczosResult",
+    "LinalgWarning",
+    "NotPositiveDefiniteError",
+    "Operator",
+    "SpectralDensity",
+    "TraceEstimate",
+    "as_operator",
+    "block_spectral_densities",
+    "cg",
+    "check_operator",
+    "hutchinson",
+    "hutchpp",
+    "lanczos",
+    "matmat",
+    "spectral_density",
+]
