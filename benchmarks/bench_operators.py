@@ -156,12 +156,13 @@ def main():
             except (IndexError, json.JSONDecodeError):
                 rows[name]["peak"] = None
     g = rows["gradient"]["time"]
+    threads = torch.get_num_threads()
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+              else f"{platform.processor() or platform.machine()}, {threads} threads")
     print(f"# curvlab {curvlab.__version__}, torch {torch.__version__}, {device}")
     print(f"# preset {args.preset} ({curvlab.models.num_parameters(model):,} parameters), "
           f"batch {args.batch_size}x{args.seq_len} tokens, float32, median of {args.repeats}")
-    print(f"| case | time (ms) | / gradient | peak memory (MiB) |")
+    print("| case | time (ms) | / gradient | peak memory (MiB) |")
     print("|---|---|---|---|")
     for name, r in rows.items():
         if "error" in r:
