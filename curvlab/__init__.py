@@ -12,8 +12,13 @@ Public API (see docs/api.md):
 
 __version__ = "0.1.0"
 
-from curvlab import data, errors, models  # noqa: E402
-from curvlab.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint  # noqa: E402
+from curvlab import curvature, data, errors, models  # noqa: E402
+from curvlab.checkpoint import (  # noqa: E402
+    CheckpointInfo,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from curvlab.curvature.blocks import (  # noqa: E402
     Block,
     Part,
@@ -49,6 +54,7 @@ __all__ = [
     "Partition",
     "__version__",
     "build_model",
+    "curvature",
     "curvature_operator",
     "data",
     "errors",
@@ -58,6 +64,7 @@ __all__ = [
     "layer_partition",
     "lm_loss",
     "load_checkpoint",
+    "load_model",
     "load_corpus",
     "math_attention",
     "models",

@@ -44,14 +44,39 @@ class CheckpointInfo:
     """Metadata of a loaded checkpoint."""
 
     path: str
-    kind: str  # "curvlab" or "nanogpt"
-    config: ModelConfig
+    kind: str  # "curvlab", "nanogpt" or "huggingface"
+    config: ModelConfig | None
     step: int = 0
     optimizer: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     curvlab_version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    hf: dict[str, Any] | None = None  # model_type, vocab_size, seq_len, config (Hugging Face)
+    notes: list[str] = field(default_factory=list)  # precision caveats
+
+    @property
+    def family(self) -> str:
+        return self.config.family if self.config is not None else f"hf:{self.hf['model_type']}"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size if self.config is not None else self.hf["vocab_size"]
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len if self.config is not None else self.hf["seq_len"]
+
+    @property
+    def learned_positions(self) -> bool:
+        """True if the model cannot take sequences longer than :attr:`seq_len`."""
+        return self.config is None or self.config.family == "gpt"
+
+    def model_dict(self) -> dict[str, Any]:
+        """The model description stored in provenance (config as a dict)."""
+        if self.config is not None:
+            return self.config.to_dict()
+        return {"family": self.family, **self.hf["config"]}
 
 
 def _version() -> str:
@@ -251,3 +276,18 @@ def load_checkpoint(
     if dtype is not None:
         model.to(dtype)
     return model.to(device), info
+
+
+def load_model(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[nn.Module, CheckpointInfo]:
+    """Load any supported model: a curvlab or nanoGPT checkpoint file, or a Hugging Face
+    ``save_pretrained`` folder (needs ``transformers``; eager math attention is forced)."""
+    p = Path(path)
+    if p.is_dir():
+        from curvlab.models.hf import load_hf_folder
+
+        model, meta, notes = load_hf_folder(p, dtype=dtype, device=device)
+        return model, CheckpointInfo(str(p), "huggingface", None, hf=meta, notes=notes,
+                                     optimizer={"name": "huggingface"})
+    return load_checkpoint(p, device=device, dtype=dtype)

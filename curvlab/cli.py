@@ -49,16 +49,16 @@ def init(preset_name: str, vocab_size: int | None, seq_len: int | None, seed: in
 
 
 def _info_dict(path: str) -> dict[str, Any]:
-    model, info = curvlab.load_checkpoint(path)
-    part = curvlab.layer_partition(model)
+    model, info = curvlab.load_model(path)
+    part = curvlab.curvature.operators.default_partition(model)
     return {
         "path": info.path,
         "format": info.kind,
-        "family": info.config.family,
-        "config": info.config.to_dict(),
+        "family": info.family,
+        "config": info.model_dict(),
         "parameters": curvlab.models.num_parameters(model),
         "blocks": {
-            "preset": "layer",
+            "preset": part.preset,
             "names": part.names,
             "sizes": part.sizes,
             "params": {b.name: list(b.params) for b in part},
@@ -82,9 +82,12 @@ def info(checkpoint: str, as_json: bool) -> None:
         return
     cfg = d["config"]
     click.echo(f"checkpoint  {d['path']}  ({d['format']} format)")
-    click.echo(f"model       {d['family']}: d_model={cfg['d_model']} layers={cfg['n_layers']} "
-               f"heads={cfg['n_heads']} d_ff={cfg['d_ff']} vocab={cfg['vocab_size']} "
-               f"seq_len={cfg['seq_len']}")
+    if "d_model" in cfg:
+        click.echo(f"model       {d['family']}: d_model={cfg['d_model']} "
+                   f"layers={cfg['n_layers']} heads={cfg['n_heads']} d_ff={cfg['d_ff']} "
+                   f"vocab={cfg['vocab_size']} seq_len={cfg['seq_len']}")
+    else:
+        click.echo(f"model       {d['family']} (Hugging Face), vocab={cfg.get('vocab_size')}")
     click.echo(f"parameters  {d['parameters']:,}")
     opt = d["optimizer"].get("name", "?") if d["optimizer"] else "?"
     click.echo(f"step        {d['step']}  (optimizer: {opt})")
@@ -95,7 +98,7 @@ def info(checkpoint: str, as_json: bool) -> None:
     if d["data"]:
         data = "  ".join(f"{k}={v}" for k, v in d["data"].items())
         click.echo(f"data        {data}")
-    click.echo("blocks (layer partition):")
+    click.echo(f"blocks ({d['blocks']['preset']} partition):")
     width = max(len(n) for n in d["blocks"]["names"])
     for name, size in zip(d["blocks"]["names"], d["blocks"]["sizes"]):
         params = ", ".join(d["blocks"]["params"][name])
@@ -137,15 +140,15 @@ def load_analysis_inputs(checkpoint: str, data_source, batch_size, seq_len, num_
     import torch
 
     torch_dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[dtype]
-    model, info = curvlab.load_checkpoint(checkpoint, device=device or "cpu", dtype=torch_dtype)
+    model, info = curvlab.load_model(checkpoint, device=device or "cpu", dtype=torch_dtype)
     base = dict(info.data)
-    base.setdefault("seq_len", info.config.seq_len)
+    base.setdefault("seq_len", min(info.seq_len, 64))
     spec = curvlab.data.analysis_spec(base, source=data_source, batch_size=batch_size,
                                       seq_len=seq_len, seed=seed, windows=windows)
-    if spec.seq_len > info.config.seq_len and info.config.family == "gpt":
+    if spec.seq_len > info.seq_len and info.learned_positions:
         raise curvlab.errors.DataError(
-            f"--seq-len {spec.seq_len} exceeds the model's {info.config.seq_len} positions")
-    batches = curvlab.data.analysis_batches(spec, num_batches, info.config.vocab_size, split)
+            f"--seq-len {spec.seq_len} exceeds the model's {info.seq_len} positions")
+    batches = curvlab.data.analysis_batches(spec, num_batches, info.vocab_size, split)
     return model, info, spec, batches
 
 
@@ -172,8 +175,10 @@ def verify(checkpoint, block_specs, data_source, batch_size, seq_len, num_batche
             cases.append((f"{name} (untrained, {cfg.family})", model, batches[0]))
     else:
         model, info, spec, batches = load_analysis_inputs(
-            checkpoint, data_source, batch_size or 1, seq_len or min(16, 1 << 30), 1, seed,
-            windows, split)
+            checkpoint, data_source, batch_size or 1, seq_len or 16, 1, seed, windows, split,
+            dtype="float64")
+        for note in info.notes:
+            click.echo(f"note: {note}")
         cases.append((checkpoint, model, batches[0]))
     failed = 0
     for label, model, batch in cases:

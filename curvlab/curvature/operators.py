@@ -114,6 +114,13 @@ class _Engine:
         for name, p in self.params.items():
             if not torch.isfinite(p).all():
                 raise CurvlabError(f"parameter {name} holds NaN or Inf values")
+        embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        if embeddings:
+            vocab = embeddings[0].num_embeddings
+            top = max(int(b.inputs.max()) for b in self.batches)
+            if top >= vocab:
+                raise CurvlabError(f"token id {top} >= vocabulary size {vocab} of the model's "
+                                   "input embedding")
         self.scale = 1.0 / self.num_tokens
         self.generator = torch.Generator().manual_seed(seed)
         self.mc_samples = mc_samples
@@ -187,6 +194,7 @@ class _Engine:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore", UserWarning)
                             z, state["jvp"] = linearize(fn, self.active())
+                        self._check_targets(z, targets)
                         _, state["vjp"] = vjp(fn, self.active())
                         state["M"] = self._logit_curvature(z, targets)
                     else:
@@ -194,7 +202,14 @@ class _Engine:
                 states.append(state)
         self._states = states
 
+    def _check_targets(self, z: torch.Tensor, targets: torch.Tensor) -> None:
+        valid = targets[targets != self.ignore_index]
+        if valid.numel() and (int(valid.max()) >= z.shape[-1] or int(valid.min()) < 0):
+            raise CurvlabError(f"target id {int(valid.max())} outside the model's "
+                               f"{z.shape[-1]} logits")
+
     def _logit_curvature(self, z: torch.Tensor, targets: torch.Tensor) -> LogitCurvature:
+        self._check_targets(z, targets)
         return LogitCurvature(
             z.detach(), targets, kind=self.kind, scale=self.scale,
             ignore_index=self.ignore_index, mc_samples=self.mc_samples,
@@ -422,14 +437,19 @@ def _to_scipy(op):
     return LinearOperator(op.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)
 
 
+def default_partition(model: nn.Module) -> Partition:
+    """The layer partition when the model has repeated blocks, else one block per parameter."""
+    try:
+        return partition(model, "layer")
+    except ConfigError:
+        return partition(model, "param")
+
+
 def _partition_for(model: nn.Module, blocks: Partition | str | Sequence[str] | None) -> Partition:
     if isinstance(blocks, Partition):
         return blocks
     if blocks is None:
-        try:
-            return partition(model, "layer")
-        except ConfigError:
-            return partition(model, "param")
+        return default_partition(model)
     return partition(model, blocks)
 
 
