@@ -72,3 +72,18 @@ class LogitCurvature:
                 coef = (f * uc[None]).sum(-1, keepdim=True)  # [K, n, 1]
                 out.append((f * coef).mean(0) * self.scale)
         return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def logit_gradient(
+    logits: torch.Tensor, targets: torch.Tensor, *, scale: float, ignore_index: int = -100
+) -> torch.Tensor:
+    """``g_z = ∂L/∂z``: per token ``(p_n − e_{y_n}) · scale`` (zero for ignored tokens).
+
+    ``logits`` ``[N, V]``, ``targets`` ``[N]``; ``scale`` is ``1/N_total`` as for
+    :class:`LogitCurvature`, so that ``g_z`` is the gradient of the mean token cross-entropy.
+    """
+    mask = targets != ignore_index
+    safe = torch.where(mask, targets, 0)
+    g = torch.softmax(logits.detach(), dim=-1)
+    g = g - torch.nn.functional.one_hot(safe, logits.shape[-1]).to(g.dtype)
+    return g * (mask.to(g.dtype) * scale)[:, None]
