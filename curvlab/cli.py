@@ -198,6 +198,167 @@ def verify(checkpoint, block_specs, data_source, batch_size, seq_len, num_batche
     click.echo("all checks passed")
 
 
+def data_provenance(spec, batches, split: str) -> dict[str, Any]:
+    """The ``data`` provenance of an analysis: the spec plus what was actually used."""
+    d = spec.to_dict()
+    d.update(batches=len(batches), split=split,
+             tokens=int(sum(b.num_tokens for b in batches)),
+             tokenizer=curvlab.data.source_tokenizer(spec.source))
+    return d
+
+
+def _parse_list(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.option("--curvature", "kind", default="ggn", show_default=True,
+              type=click.Choice(["ggn", "hessian", "efisher", "mcfisher"]),
+              help="Curvature matrix.")
+@click.option("--blocks", "preset", default=None,
+              help="Block partition (layer, param, qkv, heads); alone: every block's spectrum.")
+@click.option("--block", "block_names", multiple=True, help="A block to analyze (repeatable).")
+@click.option("--full/--no-full", default=None,
+              help="Also the whole operator (default: on unless --block is given).")
+@click.option("--blockdiag", is_flag=True,
+              help="Also the block-diagonal (layerwise) operator.")
+@click.option("--k", "k", type=int, default=20, show_default=True,
+              help="Eigenvalues per end (0: none).")
+@click.option("--which", type=click.Choice(["top", "bottom", "both"]), default="top",
+              show_default=True)
+@click.option("--tol", type=float, default=1e-6, show_default=True,
+              help="Relative residual tolerance of the Ritz pairs.")
+@click.option("--reorth", type=click.Choice(["full", "selective", "none"]), default="full",
+              show_default=True, help="Lanczos reorthogonalization.")
+@click.option("--density", is_flag=True, help="Spectral density by SLQ.")
+@click.option("--probes", type=int, default=10, show_default=True)
+@click.option("--steps", type=int, default=80, show_default=True)
+@click.option("--trace", is_flag=True, help="Hutch++ trace with a standard error.")
+@click.option("--vectors", is_flag=True, help="Store Ritz vectors.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default="spectra.h5",
+              show_default=True, help="HDF5 results file (for an .h5 SOURCE: that file).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw a figure (PNG/PDF by extension).")
+@click.option("--seed-lanczos", "lanczos_seed", type=int, default=0, show_default=True,
+              help="Seed of the Lanczos / SLQ / Hutch++ random vectors.")
+@data_options
+def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, reorth, density,
+             probes, steps, trace, vectors, dtype, device, out, overwrite, plot_path,
+             lanczos_seed, data_source, batch_size, seq_len, num_batches, seed, windows,
+             split) -> None:
+    """Eigenvalues, spectral density and trace of a curvature operator, its blocks, or its
+    block-diagonal part. Given a results .h5 with dense blocks: their exact eigenvalues."""
+    import warnings
+
+    from tqdm import tqdm
+
+    from curvlab import store
+    from curvlab.spectra import TargetSpectrum, compute_spectra, exact_eigenvalues
+    from curvlab.store.spectrum import write_target_spectrum
+
+    if str(source).endswith((".h5", ".hdf5")):
+        res = store.read(source)
+        pairs = [(kd, r) for kd in res.kinds for r, c in res.pairs(kd) if r == c]
+        if not pairs:
+            raise curvlab.errors.CurvlabError(f"{source} holds no complete diagonal blocks")
+        rows = []
+        with store.schema.open_h5(source, "r+", "write") as f:
+            for kd, name in tqdm(pairs, desc="eigvalsh", unit="block", leave=False, disable=None):
+                ev = exact_eigenvalues(res.block(kd, name))
+                write_target_spectrum(f, kd, TargetSpectrum(name, len(ev), exact=ev))
+                rows.append((kd, name, len(ev), float(ev[-1]), float(ev[0])))
+        click.echo(f"{'kind':<9} {'block':<24} {'size':>7} {'λ_max':>11} {'λ_min':>11}")
+        for kd, name, n, hi, lo in rows:
+            click.echo(f"{kd:<9} {name:<24} {n:>7} {hi:>11.4e} {lo:>11.4e}")
+        click.echo(f"wrote exact spectra to {source}")
+        return
+    model, info, spec, batches = load_analysis_inputs(
+        source, data_source, batch_size, seq_len, num_batches, seed, windows, split, dtype,
+        device)
+    for note in info.notes:
+        click.echo(f"note: {note}")
+    out_path = store.check_output(out, overwrite)
+    blocks = curvlab.partition(model, preset) if preset else \
+        curvlab.curvature.operators.default_partition(model)
+    op = curvlab.curvature.operators.curvature_operator(kind, model, batches, blocks)
+    targets = list(block_names)
+    if not targets and preset:
+        targets = list(blocks.names)
+    if full if full is not None else not block_names:
+        targets.insert(0, "full")
+    if blockdiag:
+        targets.append("blockdiag")
+    for t in targets:
+        if t not in ("full", "blockdiag"):
+            blocks[t]  # unknown names fail here, listing the valid ones
+    bar = tqdm(total=len(targets), desc=f"{kind} spectra", unit="target", leave=False,
+                disable=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = []
+        for t in targets:
+            bar.set_postfix_str(t)
+            results += compute_spectra(op, [t], k=k, which=which, tol=tol, reorth=reorth,
+                                       density=density, probes=probes, steps=steps, trace=trace,
+                                       return_vectors=vectors, seed=lanczos_seed)
+            bar.update()
+    bar.close()
+    for w in caught:
+        if issubclass(w.category, curvlab.linalg.LinalgWarning):
+            click.echo(f"warning: {w.message}", err=True)
+    prov = store.make_provenance(source, info.model_dict(),
+                                 data_provenance(spec, batches, split), dtype, device)
+    with store.create_file(out_path, prov, blocks, overwrite=overwrite) as writer:
+        for r in results:
+            write_target_spectrum(writer.file, kind, r)
+    click.echo(f"{'target':<24} {'size':>9} {'λ_1':>11} {'λ_k':>11} {'conv':>6} "
+               f"{'products':>8} {'trace':>11}")
+    for r in results:
+        ev = r.lanczos.eigenvalues if r.lanczos is not None else None
+        tr = r.trace.estimate if r.trace is not None else (
+            r.density.trace_estimate if r.density is not None else float("nan"))
+        conv = f"{int(r.lanczos.converged.sum())}/{len(ev)}" if ev is not None else "-"
+        prods = r.lanczos.products if r.lanczos is not None else 0
+        first = f"{float(ev[0]):11.4e}" if ev is not None and len(ev) else f"{'-':>11}"
+        last = f"{float(ev[-1]):11.4e}" if ev is not None and len(ev) else f"{'-':>11}"
+        click.echo(f"{r.target:<24} {r.size:>9,} {first} {last} {conv:>6} {prods:>8} "
+                   f"{tr:>11.4e}")
+    click.echo(f"wrote {out_path}")
+    if plot_path:
+        from curvlab.plot import render_spectra
+
+        for path in render_spectra(out_path, plot_path):
+            click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=False))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for the figures (default: next to FILE, FILE stem + '_plots').")
+@click.option("--pdf", is_flag=True, help="Also write PDF files.")
+def plot(file, out_dir, pdf) -> None:
+    """Render every standard figure a results .h5 file supports (densities, top eigenvalues
+    per block, coupling heatmaps, full vs block-diagonal spectra)."""
+    import os
+
+    from curvlab.plot import render_file
+
+    if not os.path.isfile(file):
+        raise curvlab.errors.CurvlabError(f"results file not found: {file}")
+    out_dir = out_dir or os.path.splitext(file)[0] + "_plots"
+    written = render_file(file, out_dir, ("png", "pdf") if pdf else ("png",))
+    if not written:
+        raise curvlab.errors.CurvlabError(f"{file} holds nothing to plot (no spectra, no "
+                                          "coupling maps)")
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point with one-line errors (tracebacks only with ``--debug``)."""
     args = list(sys.argv[1:] if argv is None else argv)

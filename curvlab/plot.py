@@ -126,3 +126,178 @@ def save(fig: Figure, path_stem: str, formats: Sequence[str] = ("png",)) -> list
         paths.append(path)
     plt.close(fig)
     return paths
+
+
+# -- preconditioner comparison (curvlab compare) ------------------------------------------------
+
+def _grouped_bars(ax, groups: Sequence[str], labels: Sequence[str], values: np.ndarray) -> None:
+    """Bars ``values[label, group]``, one cluster per group (NaN bars are left out)."""
+    width = 0.8 / max(1, len(labels))
+    x = np.arange(len(groups))
+    for i, label in enumerate(labels):
+        v = np.asarray(values[i], dtype=float)
+        ax.bar(x + (i - (len(labels) - 1) / 2) * width, np.where(np.isfinite(v), v, 0), width,
+               label=label)
+    ax.set_xticks(x, groups)
+
+
+def figure_compare_decrease(
+    preconditioners: Sequence[str],
+    dampings: Sequence[float],
+    values: np.ndarray,
+    *,
+    ylabel: str = "predicted decrease at the best step, relative to full GN",
+    context: str | None = None,
+) -> Figure:
+    """Grouped bar chart of a per-preconditioner metric ``values[p, j]`` (preconditioner p,
+    damping j), e.g. ``−m(α* d)`` of each preconditioner divided by full GN's."""
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.2 * len(dampings) * len(preconditioners) / 3 + 3),
+                                    4), constrained_layout=True)
+    _grouped_bars(ax, [f"λ = {d:g}" for d in dampings], preconditioners, np.asarray(values))
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("damping λ")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    _title(fig, "Gauss-Newton model decrease per preconditioner", context)
+    return fig
+
+
+def figure_compare_vs_step(
+    steps: Sequence[int],
+    preconditioners: Sequence[str],
+    values: np.ndarray,
+    *,
+    damping: float,
+    ylabel: str = "predicted decrease at the best step, relative to full GN",
+    log: bool = False,
+    context: str | None = None,
+) -> Figure:
+    """A metric ``values[k, p]`` per checkpoint k (x: training step) and preconditioner p at one
+    damping: how the gap between preconditioners evolves through training."""
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    v = np.asarray(values, dtype=float)
+    for i, name in enumerate(preconditioners):
+        ax.plot(steps, v[:, i], marker="o", ms=4, lw=1.3, label=name)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _title(fig, f"Preconditioners through training (λ = {damping:g})", context)
+    return fig
+
+
+def figure_condition_numbers(
+    preconditioners: Sequence[str],
+    dampings: Sequence[float],
+    condition: np.ndarray,
+    *,
+    lower_bound: np.ndarray | None = None,
+    context: str | None = None,
+) -> Figure:
+    """Condition numbers ``condition[p, j]`` of ``P^{-1/2}(G + λI)P^{-1/2}`` (log scale);
+    hatched bars are lower bounds (``lower_bound[p, j]``, Rayleigh–Ritz estimates)."""
+    c = np.asarray(condition, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.2 * len(dampings) * len(preconditioners) / 3 + 3),
+                                    4), constrained_layout=True)
+    width = 0.8 / max(1, len(preconditioners))
+    x = np.arange(len(dampings))
+    for i, name in enumerate(preconditioners):
+        v = np.where(np.isfinite(c[i]), c[i], np.nan)
+        bars = ax.bar(x + (i - (len(preconditioners) - 1) / 2) * width, v, width, label=name)
+        if lower_bound is not None:
+            for bar, lb in zip(bars, np.asarray(lower_bound)[i]):
+                if lb:
+                    bar.set_hatch("//")
+    ax.set_xticks(x, [f"λ = {d:g}" for d in dampings])
+    ax.set_yscale("log")
+    ax.set_xlabel("damping λ")
+    ax.set_ylabel("condition number of P^-1/2 (G + λI) P^-1/2 (log)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    _title(fig, "Conditioning of the preconditioned Gauss-Newton matrix", context)
+    return fig
+
+
+def _context(attrs: Mapping) -> str:
+    model = attrs.get("model", {})
+    if isinstance(model, str):
+        import json
+
+        model = json.loads(model)
+    parts = [str(model.get("family", "model"))]
+    if "d_model" in model:
+        parts.append(f"d={model['d_model']}, L={model['n_layers']}")
+    ckpt = str(attrs.get("checkpoint", ""))
+    if ckpt:
+        parts.append(ckpt.rsplit("/", 1)[-1])
+    data = attrs.get("data", {})
+    if isinstance(data, str):
+        import json
+
+        data = json.loads(data)
+    if data.get("tokens"):
+        parts.append(f"{data['tokens']:,} tokens")
+    return ", ".join(parts)
+
+
+def _figures(path: str):
+    """(stem, figure) for every standard figure the file supports."""
+    import h5py
+
+    from curvlab import store
+    from curvlab.store.spectrum import read_spectra
+
+    res = store.read(path)
+    context = _context(res.attrs)
+    with h5py.File(path, "r", locking=False) as f:
+        spectra = read_spectra(f)
+    for kind, targets in spectra.items():
+        dens = {t: (e["density"]["grid"], e["density"]["values"])
+                for t, e in targets.items() if "density" in e}
+        if dens:
+            yield f"density_{kind}", figure_density(dens, kind=kind, context=context)
+        if "full" in dens and "blockdiag" in dens:
+            yield f"full_vs_blockdiag_{kind}", figure_full_vs_blockdiag(
+                dens["full"], dens["blockdiag"], kind=kind, context=context)
+        tops = {t: e.get("eigenvalues", e.get("exact")) for t, e in targets.items()
+                if t not in ("full", "blockdiag") and ("eigenvalues" in e or "exact" in e)}
+        if tops:
+            yield f"top_eigenvalues_{kind}", figure_top_eigenvalues(tops, kind=kind,
+                                                                    context=context)
+        elif "full" in targets and "eigenvalues" in targets["full"]:
+            yield f"top_eigenvalues_{kind}", figure_top_eigenvalues(
+                {"full": targets["full"]["eigenvalues"]}, kind=kind, context=context)
+    for kind in res.coupling_kinds:
+        cm = res.coupling(kind)
+        yield f"coupling_{kind}", figure_coupling(list(cm.names), cm.frobenius.numpy(),
+                                                  kind=kind, context=context)
+
+
+def render_file(path: str, out_dir: str, formats: Sequence[str] = ("png",)) -> list[str]:
+    """Draw every standard figure ``path`` supports into ``out_dir``; returns the files."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for stem, fig in _figures(path):
+        written += save(fig, os.path.join(out_dir, stem), formats)
+    return written
+
+
+def render_spectra(path: str, plot_path: str) -> list[str]:
+    """The main spectrum figure of ``path`` (density if stored, else top eigenvalues)."""
+    import os
+
+    figures = dict(_figures(path))
+    order = [s for s in figures if s.startswith("density")] + \
+        [s for s in figures if s.startswith("top_eigenvalues")]
+    for stem in figures:
+        if stem not in order[:1]:
+            plt.close(figures[stem])
+    if not order:
+        return []
+    stem, ext = os.path.splitext(plot_path)
+    return save(figures[order[0]], stem, [ext.lstrip(".") or "png"])

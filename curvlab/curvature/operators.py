@@ -39,8 +39,8 @@ from curvlab.errors import ConfigError, CurvlabError
 from curvlab.models.attention import math_attention
 
 # On CPU, vmapped products beat a loop only when each product is too small to keep the cores
-# busy (measured: 3.3M parameters, 1024 tokens: vmap 1.8x slower; 1.6k parameters: 10x faster).
-VMAP_CPU_MAX_PARAMS = 200_000
+# busy (measured: 3.3M parameters: vmap 1.8x slower; 133k: 1.3x slower; 1.6k: 10x faster).
+VMAP_CPU_MAX_PARAMS = 20_000
 
 
 class CacheWarning(UserWarning):

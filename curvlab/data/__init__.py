@@ -8,7 +8,7 @@ from curvlab.data.batches import (
     analysis_batches,
     analysis_spec,
 )
-from curvlab.data.corpus import Corpus, default_text, load_corpus
+from curvlab.data.corpus import Corpus, default_text, load_corpus, source_tokenizer
 from curvlab.data.tokenizer import ByteTokenizer
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "DataSpec",
     "default_text",
     "load_corpus",
+    "source_tokenizer",
 ]

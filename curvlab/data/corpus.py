@@ -80,6 +80,12 @@ def default_text() -> str:
     return gzip.decompress(blob).decode("utf-8")
 
 
+def source_tokenizer(source: str) -> str:
+    """``byte`` for text sources (the default corpus, text files), ``none`` for token files."""
+    path = Path(source)
+    return "none" if source != "default" and (path.suffix == ".bin" or path.is_dir()) else "byte"
+
+
 def load_corpus(source: str = "default", val_fraction: float = 0.1) -> Corpus:
     """Read and tokenize a source (see module docstring)."""
     if source == "default":

@@ -1,0 +1,55 @@
+import h5py
+import numpy as np
+import torch
+
+import curvlab
+from curvlab.store.spectrum import read_spectra
+from tests.cli_helpers import assert_clean_error, run_cli
+
+
+def _ckpt(tmp_path, capsys):
+    path = tmp_path / "m.pt"
+    cfg = curvlab.ModelConfig("llama", vocab_size=256, seq_len=16, d_model=8, n_layers=2,
+                              n_heads=2, d_ff=12)
+    curvlab.save_checkpoint(path, curvlab.build_model(cfg), data={"seq_len": 8,
+                                                                  "batch_size": 2})
+    return path
+
+
+def test_spectrum_cli_writes_results_and_plots(tmp_path, capsys):
+    ckpt = _ckpt(tmp_path, capsys)
+    out = tmp_path / "s.h5"
+    code, stdout, _ = run_cli(capsys, "spectrum", ckpt, "--k", 3, "--blockdiag", "--density",
+                              "--probes", 2, "--steps", 20, "--trace", "--dtype", "float64",
+                              "-o", out, "--plot", tmp_path / "s.png")
+    assert code == 0, stdout
+    assert "full" in stdout and "blockdiag" in stdout and (tmp_path / "s.png").stat().st_size
+    with h5py.File(out, "r") as f:
+        spectra = read_spectra(f)
+        assert f.attrs["checkpoint_sha256"] and f.attrs["dtype"] == "float64"
+    full = spectra["ggn"]["full"]
+    assert full["eigenvalues"].shape == (3,) and full["attrs"]["complete"]
+    grid, values = full["density"]["grid"], full["density"]["values"]
+    assert abs(np.trapezoid(values, grid) - 1) < 1e-2
+    # the top eigenvalues equal a dense computation
+    model, _ = curvlab.load_checkpoint(ckpt, dtype=torch.float64)
+    batch = curvlab.data.analysis_batches(curvlab.DataSpec(seq_len=8, batch_size=2), 1)
+    dense = curvlab.ggn(model, batch).to_dense()
+    ev = torch.linalg.eigvalsh(dense).flip(0)[:3].numpy()
+    assert np.allclose(full["eigenvalues"], ev, rtol=1e-5)
+    code, stdout, _ = run_cli(capsys, "plot", out, "-o", tmp_path / "figs")
+    assert code == 0 and (tmp_path / "figs" / "full_vs_blockdiag_ggn.png").stat().st_size > 0
+
+
+def test_spectrum_cli_errors(tmp_path, capsys):
+    ckpt = _ckpt(tmp_path, capsys)
+    assert_clean_error(capsys, "spectrum", ckpt, "--block", "nope", "-o", tmp_path / "a.h5",
+                       match="unknown block 'nope'")
+    assert_clean_error(capsys, "spectrum", ckpt, "--block", "head", "--k", 5000,
+                       "-o", tmp_path / "b.h5", match="cannot compute")
+    assert not (tmp_path / "b.h5").exists()
+    obj = torch.load(ckpt, weights_only=True)
+    obj["state_dict"]["norm.weight"][0] = float("nan")
+    torch.save(obj, tmp_path / "nan.pt")
+    assert_clean_error(capsys, "spectrum", tmp_path / "nan.pt", "-o", tmp_path / "c.h5",
+                       match="NaN or Inf")
