@@ -12,7 +12,7 @@ Public API (see docs/api.md):
 
 __version__ = "0.1.0"
 
-from curvlab import curvature, data, errors, models  # noqa: E402
+from curvlab import curvature, data, errors, models, store  # noqa: E402
 from curvlab.checkpoint import (  # noqa: E402
     CheckpointInfo,
     load_checkpoint,
@@ -26,6 +26,13 @@ from curvlab.curvature.blocks import (  # noqa: E402
     layer_partition,
     param_partition,
     partition,
+)
+from curvlab.curvature.coupling import CouplingMap, coupling_map  # noqa: E402
+from curvlab.curvature.extract import (  # noqa: E402
+    ExtractionPlan,
+    check_limits,
+    extract_blocks,
+    plan_extraction,
 )
 from curvlab.curvature.operators import (  # noqa: E402
     BlockDiagonalOperator,
@@ -41,6 +48,13 @@ from curvlab.errors import CurvlabError  # noqa: E402
 from curvlab.models import ModelConfig, build_model, lm_loss, math_attention, preset  # noqa: E402
 
 __all__ = [
+    "CouplingMap",
+    "ExtractionPlan",
+    "check_limits",
+    "coupling_map",
+    "extract_blocks",
+    "plan_extraction",
+    "store",
     "Batch",
     "BatchStream",
     "Block",

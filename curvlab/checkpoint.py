@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from curvlab.errors import CheckpointError, CurvlabError
+from curvlab.fileutil import temp_beside
 from curvlab.models import ModelConfig, build_model
 
 FORMAT = "curvlab-checkpoint"
@@ -118,7 +118,7 @@ def save_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)

@@ -212,6 +212,121 @@ def _parse_list(value: str | None) -> list[str]:
 
 
 @cli.command()
+@click.argument("checkpoint", type=click.Path())
+@data_options
+@click.option("--curvature", "kinds", default="ggn", show_default=True,
+              help="Comma-separated curvature kinds: ggn, hessian, efisher, mcfisher.")
+@click.option("--blocks", "block_specs", multiple=True,
+              help="Block partition: a preset (layer, param, qkv, heads) or [name=]glob / "
+                   "[name=]PARAM[a:b] specs, repeatable (default: layer).")
+@click.option("--pairs", default="diag", show_default=True,
+              help="Block pairs: diag, all (upper triangle; the lower one is its transpose), "
+                   "or ROW:COL,... (a bare NAME is its diagonal block).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float64",
+              show_default=True, help="Dtype of the products and of the stored blocks.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("-o", "--out", default="curvature.h5", show_default=True,
+              type=click.Path(dir_okay=False), help="HDF5 file to write (docs/hdf5.md).")
+@click.option("--resume", is_flag=True,
+              help="Continue OUT if it exists (finished chunks are kept); it must come from "
+                   "the same checkpoint, model, data, blocks and dtype.")
+@click.option("--force", is_flag=True,
+              help="Run even when the estimated disk, memory or time is over the limits.")
+@click.option("--chunk", "chunk_cols", type=click.IntRange(min=1), default=64,
+              show_default=True, help="Columns per chunk: products per write and per resume "
+                                      "unit; more needs more memory.")
+@click.option("--coupling/--no-coupling", default=True, show_default=True,
+              help="Also store the coupling map (Frobenius norm of every block pair).")
+def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, windows, split,
+            kinds, block_specs, pairs, dtype, device, out, resume, force, chunk_cols,
+            coupling) -> None:
+    """Extract dense curvature blocks of a model into an HDF5 file, chunk by chunk.
+
+    An interrupted run leaves a valid file; --resume continues it. Sizes, memory and time are
+    estimated first and the run is refused over the limits unless --force.
+    """
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from curvlab import store
+    from curvlab.curvature.blocks import partition
+    from curvlab.curvature.coupling import coupling_map, coupling_products
+    from curvlab.curvature.extract import (
+        check_limits,
+        extract_blocks,
+        format_bytes,
+        plan_extraction,
+        resolve_pairs,
+    )
+    from curvlab.curvature.operators import CURVATURES, curvature_operator, default_partition
+
+    names = list(dict.fromkeys(k.strip() for k in kinds.split(",") if k.strip()))
+    bad = [k for k in names if k not in CURVATURES]
+    if bad or not names:
+        raise curvlab.errors.ConfigError(f"unknown curvature {', '.join(bad) or kinds!r}; "
+                                         f"valid: {', '.join(CURVATURES)}")
+    out = Path(out)
+    resuming = resume and out.exists()
+    if not resuming:
+        store.check_output(out)  # before any work
+    model, info, spec, batches = load_analysis_inputs(
+        checkpoint, data_source, batch_size, seq_len, num_batches, seed, windows, split,
+        dtype=dtype, device=device)
+    for note in info.notes:
+        click.echo(f"note: {note}")
+    if not block_specs:
+        blocks = default_partition(model)
+    else:
+        blocks = partition(model, block_specs[0] if len(block_specs) == 1 else list(block_specs))
+    resolve_pairs(blocks, pairs)  # unknown names fail before any product
+    ops = {k: curvature_operator(k, model, batches, blocks, device=device,
+                                 **({"seed": spec.seed} if k == "mcfisher" else {}))
+           for k in names}
+    first = ops[names[0]]
+    prov = store.make_provenance(checkpoint, info.model_dict(),
+                                 data_provenance(spec, batches, split), first.dtype, first.device)
+    writer = store.open_for_resume(out, prov, blocks) if resuming else None
+    try:
+        plan = plan_extraction(ops, pairs, sink=writer, chunk_cols=chunk_cols)
+        click.echo(f"{blocks.size:,} coordinates in {len(blocks)} blocks, "
+                   f"{first.num_tokens:,} tokens; {plan.describe()}")
+        check_limits(plan, force=force, disk_path=out.parent)
+        if writer is None:
+            shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+            writer = store.create_file(out, prov, blocks, param_shapes=shapes)
+        for k in names:
+            writer.kind_options(k, {"mc_samples": 1, "seed": spec.seed} if k == "mcfisher"
+                                else {})
+        with tqdm(total=plan.products, unit="col", desc="blocks", disable=None) as bar:
+            result = extract_blocks(ops, pairs, writer, chunk_cols=chunk_cols,
+                                    progress=bar.update)
+        todo = [k for k in names if coupling and not writer.has_coupling(k)]
+        with tqdm(total=len(todo) * coupling_products(blocks.sizes), unit="col",
+                  desc="coupling", disable=None if todo else True) as bar:
+            for k in todo:
+                writer.write_coupling(k, coupling_map(ops[k], seed=spec.seed,
+                                                      chunk_cols=chunk_cols,
+                                                      progress=bar.update))
+    finally:
+        if writer is not None:
+            writer.close()
+    results = store.read(out)
+    click.echo(f"{'kind':<9} {'pairs':>5} {'complete':>8} {'chunks':>13} {'size':>10}  "
+               "off-diagonal energy")
+    for k in names:
+        rows = [s for s in results.status() if s.kind == k]
+        size = sum(s.shape[0] * s.shape[1] for s in rows) * first.dtype.itemsize
+        energy = (f"{results.coupling(k).off_diagonal_energy():.4f}"
+                  if k in results.coupling_kinds else "-")
+        click.echo(f"{k:<9} {len(rows):>5} {sum(s.complete for s in rows):>8} "
+                   f"{sum(s.chunks_done for s in rows):>6}/{sum(s.chunks for s in rows):<6} "
+                   f"{format_bytes(size):>10}  {energy}")
+    click.echo(f"wrote {out} ({result.products:,} column products in {result.seconds:.1f} s, "
+               f"{result.chunks_skipped:,} chunks already done)")
+
+
+@cli.command()
 @click.argument("source", type=click.Path())
 @click.option("--curvature", "kind", default="ggn", show_default=True,
               type=click.Choice(["ggn", "hessian", "efisher", "mcfisher"]),
