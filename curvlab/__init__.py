@@ -12,7 +12,7 @@ Public API (see docs/api.md):
 
 __version__ = "0.1.0"
 
-from curvlab import curvature, data, errors, models, store  # noqa: E402
+from curvlab import curvature, data, errors, models, store, train  # noqa: E402
 from curvlab.checkpoint import (  # noqa: E402
     CheckpointInfo,
     load_checkpoint,
@@ -46,8 +46,13 @@ from curvlab.curvature.verify import verify_operators  # noqa: E402
 from curvlab.data import Batch, BatchStream, DataSpec, load_corpus  # noqa: E402
 from curvlab.errors import CurvlabError  # noqa: E402
 from curvlab.models import ModelConfig, build_model, lm_loss, math_attention, preset  # noqa: E402
+from curvlab.train import TrainConfig, TrainingDivergedError, TrainResult  # noqa: E402
 
 __all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "train",
     "CouplingMap",
     "ExtractionPlan",
     "check_limits",

@@ -107,6 +107,114 @@ def info(checkpoint: str, as_json: bool) -> None:
         click.echo(f"  {name:<{width}}  {size:>12,}  {params}")
 
 
+def _float_list(text: str | None, option: str) -> tuple[float, ...] | None:
+    """``"1,0.71,0.5"`` -> ``(1.0, 0.71, 0.5)``; a clear error for anything else."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise curvlab.errors.ConfigError(
+            f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
+@cli.command()
+@click.option("--optimizer", required=True,
+              help="adamw, muon, soap (baselines) or gn, gn-prox, layerwise-gn, "
+                   "layerwise-gn-prox (Gauss-Newton).")
+@click.option("--preset", "preset_name", default=None,
+              help="Model preset for a fresh model (default tiny); with --init it must match.")
+@click.option("--init", "init_path", type=click.Path(dir_okay=False), default=None,
+              help="Start from this checkpoint (e.g. a shared AdamW warm-up).")
+@click.option("--data", "data_source", default=None,
+              help="Data source: 'default', a text file, a nanoGPT .bin file or folder.")
+@click.option("--seq-len", type=int, default=None,
+              help="Tokens per sequence (default: the --init checkpoint's data, else the "
+                   "model's).")
+@click.option("--micro-batch-size", type=int, default=None, help="Sequences per micro-batch [8].")
+@click.option("--seed", type=int, default=None, help="Data (and fresh-model) seed [0].")
+@click.option("--lr", type=float, default=None, help="Baselines: learning rate [1e-3].")
+@click.option("--grad-accum", type=int, default=None,
+              help="Baselines: micro-batches per step (large batches) [1].")
+@click.option("--betas", default=None, help="Adam betas, e.g. 0.9,0.999.")
+@click.option("--weight-decay", type=float, default=None,
+              help="Decoupled weight decay on matrices [1e-3].")
+@click.option("--grad-clip", type=float, default=None, help="Gradient norm clip, 0 = off [1].")
+@click.option("--momentum", type=float, default=None, help="Muon (and sgd) momentum [0.95].")
+@click.option("--precondition-frequency", type=int, default=None,
+              help="SOAP: steps between eigenbasis updates [10].")
+@click.option("--inner-optimizer", default=None,
+              help="GN: adamw, muon-adamw (Muon on hidden matrices) or sgd [muon-adamw].")
+@click.option("--inner-steps", type=int, default=None,
+              help="GN: inner steps per outer step, one micro-batch each [16].")
+@click.option("--inner-lr", type=float, default=None, help="GN: inner learning rate [0.01].")
+@click.option("--warm-start/--no-warm-start", default=None,
+              help="GN: start each inner solve from the previous one, keeping the inner "
+                   "optimizer's state [on].")
+@click.option("--line-search", "line_search_grid", default=None,
+              help="GN: step sizes tried along the direction [1,0.71,0.5,0.35,0.25].")
+@click.option("--line-search-batches", type=int, default=None,
+              help="GN: fresh micro-batches scoring each step size [1].")
+@click.option("--damping", type=float, default=None,
+              help="GN: Levenberg-Marquardt damping λ of the inner problem [0].")
+@click.option("--schedule", default=None,
+              help="cosine (global), constant, constant+inner-cosine (GN) [cosine].")
+@click.option("--warmup-steps", type=int, default=None, help="Linear warm-up steps [0].")
+@click.option("--ema-decay", type=float, default=None,
+              help="Evaluate an EMA of the iterates with this decay; 0 = off [0].")
+@click.option("--max-steps", type=int, default=None, help="Outer steps [100].")
+@click.option("--target-loss", type=float, default=None,
+              help="Stop once the validation loss is at or below this.")
+@click.option("--eval-every", type=int, default=None, help="Steps between evaluations [10].")
+@click.option("--eval-batches", type=int, default=None,
+              help="Validation micro-batches per evaluation [4].")
+@click.option("--checkpoint-every", type=int, default=None,
+              help="Write step_NNNNNN.pt every this many steps; 0 = only final.pt [0].")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder: step_NNNNNN.pt, final.pt, metrics.jsonl.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [cpu].")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
+              help="Training precision [float32].")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar.")
+def train(optimizer, preset_name, init_path, data_source, seq_len, micro_batch_size, seed, lr,
+          grad_accum, betas, weight_decay, grad_clip, momentum, precondition_frequency,
+          inner_optimizer, inner_steps, inner_lr, warm_start, line_search_grid,
+          line_search_batches, damping, schedule, warmup_steps, ema_decay, max_steps,
+          target_loss, eval_every, eval_batches, checkpoint_every, out, resume, device, dtype,
+          progress) -> None:
+    """Train with AdamW, Muon, SOAP or (layerwise) Gauss-Newton, writing checkpoints that the
+    analysis commands read."""
+    from curvlab.train import TrainConfig
+    from curvlab.train import train as run_training
+
+    given = dict(
+        optimizer=optimizer, preset=preset_name, init=init_path, data=data_source,
+        seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed, lr=lr,
+        grad_accum=grad_accum, betas=_float_list(betas, "--betas"), weight_decay=weight_decay,
+        grad_clip=grad_clip, momentum=momentum, precondition_frequency=precondition_frequency,
+        inner_optimizer=inner_optimizer, inner_steps=inner_steps, inner_lr=inner_lr,
+        warm_start=warm_start, line_search=_float_list(line_search_grid, "--line-search"),
+        line_search_batches=line_search_batches, damping=damping, schedule=schedule,
+        warmup_steps=warmup_steps, ema_decay=ema_decay, max_steps=max_steps,
+        target_loss=target_loss, eval_every=eval_every, eval_batches=eval_batches,
+        checkpoint_every=checkpoint_every, out=out, resume=resume, device=device, dtype=dtype,
+    )
+    config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    result = run_training(config, progress=progress)
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
+    click.echo(f"{config.optimizer}: {result.step} steps, {result.tokens:,} tokens, "
+               f"val loss {val}, {result.wall_time:.1f} s")
+    if config.target_loss is not None:
+        if result.steps_to_target is None:
+            click.echo(f"target {config.target_loss} not reached")
+        else:
+            click.echo(f"target {config.target_loss} reached at step {result.steps_to_target} "
+                       f"({result.tokens_to_target:,} tokens)")
+    click.echo(f"wrote {result.checkpoint} and {out}/metrics.jsonl")
+
+
 DTYPES = {"float32": "float32", "float64": "float64"}
 
 
@@ -381,10 +489,12 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
         pairs = [(kd, r) for kd in res.kinds for r, c in res.pairs(kd) if r == c]
         if not pairs:
             raise curvlab.errors.CurvlabError(f"{source} holds no complete diagonal blocks")
+        spectra = [(kd, name, exact_eigenvalues(res.block(kd, name)))
+                   for kd, name in tqdm(pairs, desc="eigvalsh", unit="block", leave=False,
+                                        disable=None)]
         rows = []
         with store.schema.open_h5(source, "r+", "write") as f:
-            for kd, name in tqdm(pairs, desc="eigvalsh", unit="block", leave=False, disable=None):
-                ev = exact_eigenvalues(res.block(kd, name))
+            for kd, name, ev in spectra:
                 write_target_spectrum(f, kd, TargetSpectrum(name, len(ev), exact=ev))
                 rows.append((kd, name, len(ev), float(ev[-1]), float(ev[0])))
         click.echo(f"{'kind':<9} {'block':<24} {'size':>7} {'λ_max':>11} {'λ_min':>11}")

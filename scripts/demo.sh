@@ -1,10 +1,34 @@
 #!/usr/bin/env bash
-# The main job on the embedded default data: build a tiny model, save a checkpoint, inspect it.
+# The main job on the embedded default data: train a tiny LLaMA-style model with Gauss-Newton
+# -> checkpoints -> verify -> extract dense cross-layer GGN blocks -> spectra -> figures.
+# Outputs in $OUT (default demo/); every step is seeded, so the numbers repeat on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-demo}"
+rm -rf "$OUT"
 mkdir -p "$OUT"
 CURVLAB=.venv/bin/curvlab
-$CURVLAB init --preset tiny --seed 0 -o "$OUT/init.pt"
-$CURVLAB info "$OUT/init.pt"
+
+# 1. train: 6 outer Gauss-Newton steps (8 inner Muon/AdamW steps each), checkpoints every 3
+$CURVLAB train --optimizer gn --preset tiny --seq-len 32 --micro-batch-size 4 \
+    --inner-steps 8 --max-steps 6 --eval-every 3 --checkpoint-every 3 --seed 0 \
+    --no-progress --out "$OUT/run"
+CKPT="$OUT/run/final.pt"
+$CURVLAB info "$CKPT"
+# 2. check the curvature operators on this model (float64, against independent computations)
+$CURVLAB verify "$CKPT"
+# 3. dense GGN blocks of 2 query rows and 2 MLP rows in each layer, all pairs + coupling map
+$CURVLAB extract "$CKPT" --seq-len 32 --batch-size 2 --pairs all --dtype float64 \
+    --blocks 'q0=layers.0.self_attn.q_proj.weight[0:2]' \
+    --blocks 'up0=layers.0.mlp.up_proj.weight[0:2]' \
+    --blocks 'q1=layers.1.self_attn.q_proj.weight[0:2]' \
+    --blocks 'up1=layers.1.mlp.up_proj.weight[0:2]' \
+    -o "$OUT/blocks.h5"
+$CURVLAB spectrum "$OUT/blocks.h5"                 # exact eigenvalues of the stored blocks
+# 4. top eigenvalues and SLQ densities of the full and the block-diagonal (layerwise) GGN
+$CURVLAB spectrum "$CKPT" --seq-len 32 --batch-size 2 --k 5 --blockdiag --density \
+    --probes 2 --steps 30 -o "$OUT/spectra.h5"
+# 5. figures
+$CURVLAB plot "$OUT/blocks.h5" -o "$OUT/plots"
+$CURVLAB plot "$OUT/spectra.h5" -o "$OUT/plots"
 echo "demo: outputs in $OUT/"

@@ -1,0 +1,182 @@
+"""Training configuration (one frozen dataclass) and training errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from curvlab.data.batches import WINDOWS
+from curvlab.errors import ConfigError, CurvlabError
+from curvlab.models.config import PRESETS
+from curvlab.train.line_search import DEFAULT_GRID
+from curvlab.train.optimizers import INNER_OPTIMIZERS
+from curvlab.train.schedules import SCHEDULES
+
+BASELINES = ("adamw", "muon", "soap")
+GN_METHODS = ("gn", "gn-prox", "layerwise-gn", "layerwise-gn-prox")
+OPTIMIZERS = BASELINES + GN_METHODS
+DTYPES = ("float32", "float64")
+# fields that may change when a run is resumed (they do not change the trajectory, except
+# max_steps, which also sets the length of a cosine schedule)
+RESUMABLE_CHANGES = ("max_steps", "target_loss", "eval_every", "eval_batches",
+                     "checkpoint_every", "out", "resume", "device", "init")
+
+
+class TrainingDivergedError(CurvlabError):
+    """The loss or the parameters became NaN or Inf."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run.
+
+    optimizer: ``adamw``, ``muon``, ``soap`` (baselines, learning rate ``lr``, ``grad_accum``
+    micro-batches per step) or ``gn``, ``gn-prox``, ``layerwise-gn``, ``layerwise-gn-prox``
+    (``inner_steps`` steps of ``inner_optimizer`` at ``inner_lr`` per outer step, one fresh
+    micro-batch each, then a line search over ``line_search`` on ``line_search_batches`` fresh
+    micro-batches). Model: ``init`` checkpoint, else a fresh ``preset`` (default ``tiny``) built
+    with ``seed``. Data: ``data`` source, ``seq_len`` (default the model's), micro-batches of
+    ``micro_batch_size`` sequences, batch ``i`` of the stream fixed by (``seed``, ``i``).
+    """
+
+    optimizer: str = "adamw"
+    preset: str | None = None
+    init: str | None = None
+    data: str = "default"
+    seq_len: int | None = None
+    micro_batch_size: int = 8
+    windows: str = "random"
+    seed: int = 0
+    # baselines
+    lr: float = 1e-3
+    grad_accum: int = 1
+    # optimizer hyper-parameters (baselines and the GN inner optimizer)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-3
+    grad_clip: float = 1.0
+    momentum: float = 0.95
+    ns_steps: int = 5
+    shampoo_beta: float = 0.95
+    precondition_frequency: int = 10
+    max_precond_dim: int = 10000
+    # Gauss-Newton
+    inner_optimizer: str = "muon-adamw"
+    inner_steps: int = 16
+    inner_lr: float = 0.01
+    warm_start: bool = True
+    line_search: tuple[float, ...] = DEFAULT_GRID
+    line_search_batches: int = 1
+    damping: float = 0.0
+    # schedule and evaluation
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    final_lr_frac: float = 0.0
+    ema_decay: float = 0.0
+    max_steps: int = 100
+    target_loss: float | None = None
+    eval_every: int = 10
+    eval_batches: int = 4
+    # output and execution
+    checkpoint_every: int = 0
+    out: str | None = None
+    resume: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "line_search", tuple(float(s) for s in self.line_search))
+
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        check(self.optimizer in OPTIMIZERS,
+              f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        check(self.inner_optimizer in INNER_OPTIMIZERS,
+              f"unknown inner optimizer {self.inner_optimizer!r}; valid: "
+              f"{', '.join(INNER_OPTIMIZERS)}")
+        check(self.preset is None or self.preset in PRESETS,
+              f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
+        check(self.schedule in SCHEDULES,
+              f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        check(self.is_gn or self.schedule != "constant+inner-cosine",
+              "schedule constant+inner-cosine needs a GN optimizer (it has inner steps)")
+        check(self.windows in WINDOWS, f"unknown windows mode {self.windows!r}")
+        check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+        for name in ("inner_steps", "micro_batch_size", "grad_accum", "eval_every",
+                     "eval_batches", "line_search_batches", "ns_steps", "precondition_frequency",
+                     "max_precond_dim"):
+            check(getattr(self, name) >= 1,
+                  f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every", "warmup_steps"):
+            check(getattr(self, name) >= 0, f"{name.replace('_', '-')} must be >= 0")
+        check(self.seq_len is None or self.seq_len >= 1, "seq-len must be >= 1")
+        for name in ("lr", "inner_lr", "eps"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and value > 0, f"{name.replace('_', '-')} must be > 0")
+        for name in ("weight_decay", "grad_clip", "damping", "final_lr_frac"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 0, f"{name.replace('_', '-')} must be >= 0")
+        check(all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2,
+              "betas must be two numbers in [0, 1)")
+        check(0 <= self.momentum < 1 and 0 <= self.shampoo_beta < 1,
+              "momentum and shampoo-beta must be in [0, 1)")
+        check(0 <= self.ema_decay < 1, "ema-decay must be in [0, 1)")
+        check(bool(self.line_search) and all(math.isfinite(s) and s > 0 for s in self.line_search),
+              "line-search needs one or more positive step sizes")
+        check(not self.resume or self.out is not None, "--resume needs --out")
+
+    @property
+    def is_gn(self) -> bool:
+        return self.optimizer in GN_METHODS
+
+    @property
+    def layerwise(self) -> bool:
+        return self.optimizer.startswith("layerwise")
+
+    @property
+    def mode(self) -> str:
+        """``prox`` for the prox-linear variants, else ``gn``."""
+        return "prox" if self.optimizer.endswith("prox") else "gn"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"], d["line_search"] = list(self.betas), list(self.line_search)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"train config: unknown field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def hparams(self) -> dict[str, Any]:
+        """The hyper-parameters of the chosen optimizer (stored in checkpoints)."""
+        shared = ["betas", "eps", "weight_decay", "grad_clip", "schedule", "warmup_steps",
+                  "final_lr_frac", "ema_decay", "max_steps", "micro_batch_size"]
+        if self.is_gn:
+            keys = ["inner_optimizer", "inner_steps", "inner_lr", "warm_start", "line_search",
+                    "line_search_batches", "damping"]
+            if self.inner_optimizer != "adamw":
+                keys += ["momentum"] + (["ns_steps"] if self.inner_optimizer != "sgd" else [])
+        else:
+            keys = ["lr", "grad_accum"]
+            keys += {"adamw": [], "muon": ["momentum", "ns_steps"],
+                     "soap": ["shampoo_beta", "precondition_frequency", "max_precond_dim"]
+                     }[self.optimizer]
+        d = self.to_dict()
+        return {k: d[k] for k in keys + shared}
+
+    def changes_for_resume(self, stored: dict[str, Any]) -> list[str]:
+        """Fields that differ from a stored config and may not change on resume."""
+        mine = self.to_dict()
+        return [k for k in mine if k not in RESUMABLE_CHANGES and stored.get(k) != mine[k]]

@@ -1,0 +1,177 @@
+"""Gauss-Newton subproblems: the inner gradient, the inner solve, full and layerwise directions.
+
+At the outer iterate θ_t the network is linearized, ``z(θ_t + Δ) ≈ z_t + J Δ`` (J the Jacobian
+of the logits of one micro-batch). With ``L`` the mean token cross-entropy over the micro-batch's
+``N`` non-ignored target tokens (``scale = 1/N``), the inner losses of ``Δ`` are
+
+- ``gn``:   ``m(Δ) = L(z_t) + g_zᵀ JΔ + ½ (JΔ)ᵀ H_z (JΔ) + ½ λ ‖Δ‖²``, whose minimizer is
+  ``−(G + λI)⁻¹ ∇L`` with ``G = Jᵀ H_z J``; gradient ``Jᵀ (g_z + H_z JΔ) + λΔ``;
+- ``prox``: ``m(Δ) = L(z_t + JΔ) + ½ λ ‖Δ‖²`` (GN-prox-linear: the exact cross-entropy of the
+  linearized logits); gradient ``Jᵀ g_z(z_t + JΔ) + λΔ``,
+
+with ``g_z`` per token ``(p − e_y)/N`` and ``H_z`` per token ``(diag p − p pᵀ)/N`` from
+:mod:`curvlab.curvature.logit_space` (λ is an optional Levenberg-Marquardt damping, 0 by
+default as in arXiv 2510.09378). One inner gradient is one forward pass carrying the tangent Δ
+(``torch.func.jvp``) inside one VJP — the uncached GGN product of
+:class:`curvlab.curvature.operators.CurvatureOperator` with ``g_z`` added to the cotangent.
+
+Δ may cover only some parameters (a block); the others stay frozen at θ_t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import jvp, vjp
+
+from curvlab.curvature.logit_space import LogitCurvature, logit_gradient
+from curvlab.curvature.model_fn import LogitsFn, default_logits_fn
+from curvlab.data.batches import Batch
+from curvlab.errors import CurvlabError
+from curvlab.models.attention import math_attention
+
+MODES = ("gn", "prox")
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class InnerGradient:
+    """The inner gradient on one micro-batch.
+
+    grad: ``∂m/∂Δ`` per active parameter. loss: ``L(θ_t)`` on the micro-batch.
+    model_loss: ``m(Δ)`` (inner loss at the Δ the gradient was taken at).
+    """
+
+    grad: Tensors
+    loss: float
+    model_loss: float
+
+
+def logits_function(
+    model: nn.Module, theta: Mapping[str, torch.Tensor], names: Sequence[str], inputs: torch.Tensor,
+    logits_fn: LogitsFn | None = None,
+) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """Flat logits ``[N, V]`` as a function of the parameters ``names`` (others fixed at
+    ``theta``); the function shape the curvature operators differentiate."""
+    fn = logits_fn or default_logits_fn
+    frozen = {k: v for k, v in theta.items() if k not in names}
+
+    def logits(active: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        out = fn(model, {**frozen, **active}, inputs)
+        return out.reshape(-1, out.shape[-1])
+
+    return logits
+
+
+def linearized_vjp(
+    fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], primals: Mapping[str, torch.Tensor],
+    tangent: Mapping[str, torch.Tensor],
+    cotangent: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, Tensors]:
+    """``(z, J t, Jᵀ u)`` with ``u = cotangent(z, J t)``: one forward pass carrying the tangent,
+    then one VJP through the same graph (no second forward pass)."""
+
+    def with_tangent(p):
+        z, jz = jvp(fn, (p,), (tangent,))
+        return z, (z, jz)
+
+    _, vjp_fn, (z, jz) = vjp(with_tangent, dict(primals), has_aux=True)
+    z, jz = z.detach(), jz.detach()
+    return z, jz, vjp_fn(cotangent(z, jz))[0]
+
+
+def inner_gradient(
+    model: nn.Module, theta: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
+    batch: Batch, *, mode: str = "gn", damping: float = 0.0, ignore_index: int = -100,
+    logits_fn: LogitsFn | None = None,
+) -> InnerGradient:
+    """Gradient of the inner loss ``m`` (module docstring) w.r.t. ``delta`` (its keys are the
+    active parameters) on ``batch``, at the linearization point ``theta``."""
+    if mode not in MODES:
+        raise CurvlabError(f"unknown GN mode {mode!r}; expected one of {MODES}")
+    names = list(delta)
+    targets = batch.targets.reshape(-1)
+    n = int((targets != ignore_index).sum())
+    if n == 0:
+        raise CurvlabError("micro-batch has no target tokens that are not ignored")
+    scale = 1.0 / n
+    fn = logits_function(model, theta, names, batch.inputs, logits_fn)
+    values: dict[str, torch.Tensor] = {}
+
+    def ce(z: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(
+            z, targets, ignore_index=ignore_index, reduction="sum") * scale
+
+    def cotangent(z: torch.Tensor, jz: torch.Tensor) -> torch.Tensor:
+        values["loss"] = ce(z)
+        if mode == "prox":
+            values["model"] = ce(z + jz)
+            return logit_gradient(z + jz, targets, scale=scale, ignore_index=ignore_index)
+        g = logit_gradient(z, targets, scale=scale, ignore_index=ignore_index)
+        hjz = LogitCurvature(z, targets, kind="ggn", scale=scale, ignore_index=ignore_index)(jz)
+        values["model"] = values["loss"] + (g * jz).sum() + 0.5 * (jz * hjz).sum()
+        return g + hjz
+
+    primals = {k: theta[k] for k in names}
+    with torch.enable_grad(), math_attention():
+        _, _, grad = linearized_vjp(fn, primals, delta, cotangent)
+    model_loss = values["model"]
+    if damping:
+        grad = {k: g + damping * delta[k] for k, g in grad.items()}
+        model_loss = model_loss + 0.5 * damping * sum((d * d).sum() for d in delta.values())
+    return InnerGradient(grad, float(values["loss"]), float(model_loss))
+
+
+@dataclass(frozen=True, eq=False)
+class Direction:
+    """A GN direction Δ (per parameter) and what the inner solve saw.
+
+    loss: mean ``L(θ_t)`` over the inner micro-batches (the first block's solve).
+    decrease: ``L(θ_t) − m(Δ)`` on the last micro-batch of each block's solve, averaged over the
+    blocks: the loss decrease the inner model predicts.
+    """
+
+    delta: Tensors
+    loss: float
+    decrease: float
+
+
+def solve_direction(
+    model: nn.Module, theta: Mapping[str, torch.Tensor], point: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer, batches: Sequence[Batch], blocks: Sequence[Sequence[str]],
+    *, mode: str = "gn", damping: float = 0.0, clip: float = 0.0,
+    lr: Callable[[int], float] | None = None, ignore_index: int = -100,
+) -> Direction:
+    """Minimize the inner loss over each block in turn, others frozen at ``theta``.
+
+    ``point`` holds the optimizer's variables ``θ' = θ_t + Δ`` (all parameters, updated in
+    place; their start is the warm start). For each block, one optimizer step per micro-batch of
+    ``batches`` on the inner gradient (clipped to global norm ``clip`` over the block if > 0),
+    learning rate ``lr(k)`` at inner step ``k``. One block holding all parameters is full GN;
+    the layer partition is layerwise GN (every block from the same θ_t, solutions merged).
+    """
+    losses, decreases = [], []
+    for b, block in enumerate(blocks):
+        params = [point[k] for k in block]
+        for k, batch in enumerate(batches):
+            if lr is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr(k)
+            delta = {name: point[name] - theta[name] for name in block}
+            r = inner_gradient(model, theta, delta, batch, mode=mode, damping=damping,
+                               ignore_index=ignore_index)
+            if b == 0:
+                losses.append(r.loss)
+            for name, p in zip(block, params):
+                p.grad = r.grad[name]
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip, foreach=False)
+            optimizer.step()
+            for p in params:
+                p.grad = None
+        decreases.append(r.loss - r.model_loss)
+    delta = {name: point[name] - theta[name] for name in theta}
+    return Direction(delta, sum(losses) / len(losses), sum(decreases) / len(decreases))

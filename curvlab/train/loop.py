@@ -1,0 +1,399 @@
+"""The outer training loop: baselines and Gauss-Newton methods, evaluation, checkpoints, resume.
+
+Data positions are deterministic: outer step ``t`` uses train micro-batches
+``t·K .. t·K + K − 1`` of the stream (``K = grad_accum`` for baselines,
+``K = inner_steps + line_search_batches`` for GN methods; every block of layerwise GN uses the
+same ``inner_steps`` micro-batches), and evaluation uses val micro-batches ``0 .. eval_batches−1``.
+A resumed run therefore sees the same batches as an uninterrupted one, and no RNG state needs
+saving.
+
+Output folder: ``step_NNNNNN.pt`` every ``checkpoint_every`` steps, ``final.pt`` at the end,
+``metrics.jsonl`` (one JSON object per outer step; step 0 is the evaluation of the start).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvlab.checkpoint import load_checkpoint, save_checkpoint
+from curvlab.curvature.blocks import layer_partition
+from curvlab.curvature.model_fn import default_logits_fn
+from curvlab.data.batches import Batch, BatchStream, DataSpec
+from curvlab.errors import CheckpointError, ConfigError
+from curvlab.models import ModelConfig, build_model, lm_loss, preset
+from curvlab.train.config import TrainConfig, TrainingDivergedError
+from curvlab.train.gn import solve_direction
+from curvlab.train.line_search import line_search
+from curvlab.train.optimizers import build_optimizer, set_lr
+from curvlab.train.schedules import lr_factor
+
+Progress = Callable[[dict[str, Any]], None]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True, eq=False)
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    history: the metrics rows (also in ``metrics.jsonl``). steps_to_target / tokens_to_target:
+    first evaluated outer step (and tokens seen) with ``val_loss <= target_loss``, else None.
+    checkpoint: path of ``final.pt`` (None without ``out``). model: the trained model.
+    """
+
+    config: TrainConfig
+    model: nn.Module
+    step: int
+    tokens: int
+    val_loss: float | None
+    steps_to_target: int | None
+    tokens_to_target: int | None
+    history: tuple[dict[str, Any], ...]
+    checkpoint: str | None
+    wall_time: float
+
+
+def hidden_matrices(model: nn.Module) -> list[str]:
+    """2-D parameters inside the transformer blocks (Muon's parameters); embeddings, the head
+    and 1-D parameters are not hidden."""
+    part = layer_partition(model)
+    return [name for block in part if block.name.startswith("layer.")
+            for name in block.params if model.get_parameter(name).ndim == 2]
+
+
+def mean_loss(model: nn.Module, params: Mapping[str, torch.Tensor] | None,
+              batches: Sequence[Batch]) -> float:
+    """Mean over ``batches`` of the mean token cross-entropy at ``params`` (the model's own
+    parameters if None); no gradients."""
+    total = 0.0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(b.inputs) if params is None else default_logits_fn(model, params,
+                                                                                b.inputs)
+            total += float(lm_loss(logits, b.targets))
+    return total / len(batches)
+
+
+class _Baseline:
+    """AdamW / Muon / SOAP: ``grad_accum`` micro-batches per step, clipped gradient."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, batch: Callable[[int], Batch]):
+        self.model, self.cfg, self.batch = model, cfg, batch
+        self.params = [p for _, p in model.named_parameters()]
+        self.opt = build_optimizer(
+            cfg.optimizer, dict(model.named_parameters()), hidden_matrices(model), lr=cfg.lr,
+            betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+            ns_steps=cfg.ns_steps, shampoo_beta=cfg.shampoo_beta,
+            precondition_frequency=cfg.precondition_frequency,
+            max_precond_dim=cfg.max_precond_dim)
+        self.batches_per_step = cfg.grad_accum
+
+    def step(self, t: int) -> dict[str, Any]:
+        cfg = self.cfg
+        lr = cfg.lr * lr_factor(cfg.schedule, t, cfg.max_steps, warmup=cfg.warmup_steps,
+                                final=cfg.final_lr_frac)
+        set_lr(self.opt, lr)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for k in range(cfg.grad_accum):
+            b = self.batch(t * cfg.grad_accum + k)
+            loss = lm_loss(self.model(b.inputs), b.targets)
+            (loss / cfg.grad_accum).backward()
+            total += float(loss.detach())
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=False)
+        self.opt.step()
+        return {"train_loss": total / cfg.grad_accum, "lr": lr}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+
+
+class _GaussNewton:
+    """GN / GN-prox-linear, full or layerwise; inner optimizer on ``θ' = θ_t + Δ``."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, batch: Callable[[int], Batch]):
+        self.model, self.cfg, self.batch = model, cfg, batch
+        names = [n for n, _ in model.named_parameters()]
+        self.blocks = ([list(b.params) for b in layer_partition(model)] if cfg.layerwise
+                       else [names])
+        self.hidden = hidden_matrices(model)
+        self.point = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.opt = self._optimizer()
+        self.batches_per_step = cfg.inner_steps + cfg.line_search_batches
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        return build_optimizer(
+            cfg.inner_optimizer, self.point, self.hidden, lr=cfg.inner_lr, betas=cfg.betas,
+            eps=cfg.eps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+            ns_steps=cfg.ns_steps)
+
+    def step(self, t: int) -> dict[str, Any]:
+        cfg, n = self.cfg, self.cfg.inner_steps
+        theta = {k: p.detach() for k, p in self.model.named_parameters()}  # θ_t (shared storage)
+        if not cfg.warm_start:
+            for k, p in self.point.items():
+                p.copy_(theta[k])
+            self.opt = self._optimizer()
+        first = t * self.batches_per_step
+        inner = [self.batch(first + k) for k in range(n)]
+
+        def lr(k: int) -> float:
+            return cfg.inner_lr * lr_factor(cfg.schedule, t, cfg.max_steps, inner=k,
+                                            inner_steps=n, warmup=cfg.warmup_steps,
+                                            final=cfg.final_lr_frac)
+
+        d = solve_direction(self.model, theta, self.point, self.opt, inner, self.blocks,
+                            mode=cfg.mode, damping=cfg.damping, clip=cfg.grad_clip, lr=lr)
+        scored = [self.batch(first + n + j) for j in range(cfg.line_search_batches)]
+        ls = line_search(lambda eta: mean_loss(
+            self.model, {k: theta[k] + eta * d.delta[k] for k in theta}, scored), cfg.line_search)
+        with torch.no_grad():
+            for k, p in self.model.named_parameters():
+                p.add_(d.delta[k], alpha=ls.step)
+                self.point[k].copy_(p + d.delta[k])  # warm start: θ_{t+1} + Δ_t
+        return {"train_loss": d.loss, "lr": lr(0), "ls_step": ls.step,
+                "ls_losses": list(ls.losses), "inner_decrease": d.decrease}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.opt.state_dict(), "point": dict(self.point)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, p in self.point.items():
+            p.copy_(state["point"][k])
+        self.opt.load_state_dict(state["optimizer"])
+
+
+def _mismatch(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """Fields where two model configs differ (``seq_len`` only matters for learned positions)."""
+    skip = {"seq_len"} if a.family == b.family == "llama" else set()
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}={da[k]!r} vs {db[k]!r}" for k in da if k not in skip and da[k] != db[k]]
+
+
+def _load_exact(path: str | Path, device: str, dtype: torch.dtype
+                ) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """A checkpoint's model in ``dtype`` with its stored values copied without rounding
+    (``load_checkpoint`` builds float32 models), plus the raw payload."""
+    model, info = load_checkpoint(path)
+    model.to(dtype)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(raw["state_dict"][name])
+    return model.to(device), info, raw
+
+
+def _initial_model(cfg: TrainConfig, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
+    if cfg.init is None:
+        model = build_model(preset(cfg.preset or "tiny"), seed=cfg.seed)
+        return model.to(device=cfg.device, dtype=dtype), {}
+    model, info, _ = _load_exact(cfg.init, cfg.device, dtype)
+    if cfg.preset is not None:
+        diff = _mismatch(preset(cfg.preset), model.config)
+        if diff:
+            raise ConfigError(f"--init {cfg.init} holds another model than --preset "
+                              f"{cfg.preset} ({'; '.join(diff[:4])})")
+    return model, info.data
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted(out.glob("step_*.pt")) + ([out / "final.pt"] if (out / "final.pt").exists()
+                                           else [])
+
+
+def _latest(found: list[Path]) -> Path:
+    """The checkpoint with the highest step (``final.pt`` wins a tie)."""
+    steps = [p for p in found if p.name.startswith("step_")]
+    best = steps[-1] if steps else None
+    final = next((p for p in found if p.name == "final.pt"), None)
+    if final is not None:
+        final_step = int(torch.load(final, map_location="cpu", weights_only=True)["step"])
+        if best is None or final_step >= int(best.stem[5:]):
+            best = final
+    return best
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _cpu(obj: Any) -> Any:
+    """Tensors inside nested dicts/lists moved to the CPU (checkpoints load anywhere)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _finite(row: dict[str, Any]) -> bool:
+    return all(math.isfinite(row[k]) for k in ("train_loss", "val_loss")
+               if row.get(k) is not None)
+
+
+def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult:
+    """Train a model as ``config`` says; see :class:`TrainConfig` and the module docstring.
+
+    ``progress``: True shows a tqdm bar on stderr; a callable receives every metrics row
+    (after the row is written and any checkpoint of that step saved).
+    Raises :class:`~curvlab.errors.CurvlabError` subclasses for bad input,
+    :class:`TrainingDivergedError` when the loss or the parameters become NaN/Inf (no
+    checkpoint of the diverged state is written).
+    """
+    cfg = config
+    dtype = DTYPES[cfg.dtype]
+    model, init_data = _initial_model(cfg, dtype)
+    model.train()
+    mcfg: ModelConfig = model.config
+    seq_len = cfg.seq_len or min(mcfg.seq_len, init_data.get("seq_len", mcfg.seq_len))
+    if seq_len > mcfg.seq_len and mcfg.family == "gpt":
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's {mcfg.seq_len} positions")
+    spec = DataSpec(source=cfg.data, seq_len=seq_len, batch_size=cfg.micro_batch_size,
+                    seed=cfg.seed, windows=cfg.windows)
+    stream = BatchStream(spec)
+    stream.check_vocab(mcfg.vocab_size)
+    val_stream = BatchStream(spec, corpus=stream.corpus, split="val")
+    val = [val_stream.batch(i).to(cfg.device) for i in range(cfg.eval_batches)]
+
+    def batch(i: int) -> Batch:
+        return stream.batch(i).to(cfg.device)
+
+    method = (_GaussNewton if cfg.is_gn else _Baseline)(model, cfg, batch)
+    tokens_per_step = method.batches_per_step * cfg.micro_batch_size * seq_len
+    ema = ({k: p.detach().clone() for k, p in model.named_parameters()} if cfg.ema_decay > 0
+           else None)
+    step, tokens, wall, history = 0, 0, 0.0, []
+    out = Path(cfg.out) if cfg.out is not None else None
+    metrics_path = out / "metrics.jsonl" if out is not None else None
+
+    def snapshot(path: Path, row: dict[str, Any]) -> Path:
+        state = {"step": step, "tokens": tokens, "wall_time": wall, "method": method.state_dict(),
+                 "ema": ema}
+        return save_checkpoint(path, model, step=step,
+                        optimizer={"name": cfg.optimizer, "hparams": cfg.hparams()},
+                        data=spec.to_dict(),
+                        metrics={k: v for k, v in row.items() if isinstance(v, (int, float))},
+                        extra={"train_config": cfg.to_dict(), "trainer": _cpu(state)})
+
+    if out is not None:
+        found = _checkpoints(out)
+        if found and not cfg.resume:
+            raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue "
+                              "or choose another --out")
+        if found:
+            latest = _latest(found)
+            loaded, _, raw = _load_exact(latest, cfg.device, dtype)
+            stored = raw.get("extra", {}).get("train_config")
+            if stored is None or "trainer" not in raw["extra"]:
+                raise CheckpointError(f"{latest}: no trainer state to resume from")
+            changed = cfg.changes_for_resume(stored)
+            if changed:
+                raise ConfigError(f"cannot resume {latest} with changed options: "
+                                  f"{', '.join(changed)}")
+            with torch.no_grad():
+                for (_, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
+                    p.copy_(q)
+            state = raw["extra"]["trainer"]
+            method.load_state_dict(state["method"])
+            if ema is not None:
+                for k, v in ema.items():
+                    v.copy_(state["ema"][k])
+            step, tokens, wall = int(state["step"]), int(state["tokens"]), float(
+                state["wall_time"])
+            if metrics_path.exists():
+                rows = [json.loads(line) for line in metrics_path.read_text().splitlines()
+                        if line.strip()]
+                history = [r for r in rows if r["step"] <= step]
+                _write_jsonl(metrics_path, history)  # drop rows written after the checkpoint
+        out.mkdir(parents=True, exist_ok=True)
+
+    def evaluate() -> float:
+        return mean_loss(model, ema, val)
+
+    def record(row: dict[str, Any]) -> None:
+        history.append(row)
+        if metrics_path is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    if not history:
+        if metrics_path is not None:
+            _write_jsonl(metrics_path, [])  # a run that never reached a checkpoint restarts
+        record({"step": 0, "tokens": 0, "train_loss": None, "val_loss": evaluate(),
+                "wall_time": 0.0})
+    bar = None
+    if progress is True:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.optimizer, file=sys.stderr,
+                   dynamic_ncols=True)
+
+    def reached(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+        if cfg.target_loss is None:
+            return None
+        return next((r for r in rows if r.get("val_loss") is not None
+                     and r["val_loss"] <= cfg.target_loss), None)
+
+    try:
+        while step < cfg.max_steps and reached(history) is None:
+            start = time.perf_counter()
+            row = method.step(step)
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise TrainingDivergedError(
+                    f"parameters became NaN or Inf at step {step + 1} ({cfg.optimizer}, train "
+                    f"loss {row['train_loss']:.4g}); no checkpoint of this state was written")
+            if ema is not None:
+                with torch.no_grad():
+                    for k, p in model.named_parameters():
+                        ema[k].lerp_(p, 1 - cfg.ema_decay)
+            step += 1
+            tokens += tokens_per_step
+            last = step == cfg.max_steps
+            val_loss = evaluate() if step % cfg.eval_every == 0 or last else None
+            wall += time.perf_counter() - start
+            row = {"step": step, "tokens": tokens, **row, "val_loss": val_loss,
+                   "wall_time": round(wall, 4)}
+            if not _finite(row):
+                raise TrainingDivergedError(
+                    f"loss is NaN or Inf at step {step} ({cfg.optimizer}: train loss "
+                    f"{row['train_loss']}, val loss {row['val_loss']}); no checkpoint of this "
+                    "state was written")
+            record(row)
+            if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                snapshot(out / f"step_{step:06d}.pt", row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(train=f"{row['train_loss']:.4f}",
+                                val=f"{val_loss:.4f}" if val_loss is not None else "-")
+            elif callable(progress):
+                progress(row)
+    finally:
+        if bar is not None:
+            bar.close()
+    final = None
+    if out is not None:
+        final = str(snapshot(out / "final.pt", history[-1]))
+    hit = reached(history)
+    vals = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+    return TrainResult(cfg, model, step, tokens, vals[-1] if vals else None,
+                       hit["step"] if hit else None, hit["tokens"] if hit else None,
+                       tuple(history), final, wall)
