@@ -12,7 +12,7 @@ Public API (see docs/api.md):
 
 __version__ = "0.1.0"
 
-from curvlab import curvature, data, errors, models, store, train  # noqa: E402
+from curvlab import curvature, data, errors, linalg, models, store, train  # noqa: E402
 from curvlab.checkpoint import (  # noqa: E402
     CheckpointInfo,
     load_checkpoint,
@@ -81,6 +81,7 @@ __all__ = [
     "ggn",
     "hessian",
     "layer_partition",
+    "linalg",
     "lm_loss",
     "load_checkpoint",
     "load_model",
