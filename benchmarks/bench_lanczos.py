@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import curvlab
+from curvlab.curvature.model_fn import FlatLogits
 from curvlab.linalg import lanczos
 
 
@@ -53,17 +54,9 @@ def main() -> None:
     import curvlinops
     from scipy.sparse.linalg import eigsh
 
-    class Flat(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            out = self.m(x)
-            return out.reshape(-1, out.shape[-1])
 
     counter = {"n": 0}
-    peer = curvlinops.GGNLinearOperator(Flat(model), nn.CrossEntropyLoss(),
+    peer = curvlinops.GGNLinearOperator(FlatLogits(model), nn.CrossEntropyLoss(),
                                         list(model.parameters()),
                                         [(batch.inputs, batch.targets.reshape(-1))],
                                         check_deterministic=False)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import curvlab
+from curvlab.curvature.model_fn import FlatLogits
 from curvlab.curvature.operators import ggn, hessian
 from curvlab.models import lm_loss
 
@@ -77,18 +78,10 @@ def make_case(name, model, batches, v, V, device):
     if name.startswith("curvlinops"):
         import curvlinops
 
-        class Flat(nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, x):
-                out = self.m(x)
-                return out.reshape(-1, out.shape[-1])
 
         cls = curvlinops.GGNLinearOperator if name == "curvlinops_ggn" else \
             curvlinops.HessianLinearOperator
-        op = cls(Flat(model), nn.CrossEntropyLoss(), list(model.parameters()),
+        op = cls(FlatLogits(model), nn.CrossEntropyLoss(), list(model.parameters()),
                  [(batch.inputs, batch.targets.reshape(-1))], check_deterministic=False)
         return lambda: op @ v
     raise ValueError(name)

@@ -11,6 +11,7 @@ from torch.func import functional_call, jacrev
 
 import curvlab
 from curvlab.curvature.blocks import partition
+from curvlab.curvature.model_fn import FlatLogits
 from curvlab.curvature.operators import fisher, ggn, hessian
 from curvlab.errors import ConfigError, CurvlabError
 from curvlab.models import lm_loss
@@ -119,17 +120,9 @@ def test_ggn_matches_curvlinops(cfg):
     curvlinops = pytest.importorskip("curvlinops")
     model, batch = make_model(cfg), make_batch(cfg)
 
-    class Flat(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            out = self.m(x)
-            return out.reshape(-1, out.shape[-1])
 
     params = list(model.parameters())
-    ref_op = curvlinops.GGNLinearOperator(Flat(model), torch.nn.CrossEntropyLoss(), params,
+    ref_op = curvlinops.GGNLinearOperator(FlatLogits(model), torch.nn.CrossEntropyLoss(), params,
                                           [(batch.inputs, batch.targets.reshape(-1))])
     v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64,
                     generator=torch.Generator().manual_seed(0))
@@ -149,16 +142,8 @@ def test_hessian_matches_curvlinops_on_rmsnorm_model():
     names = ["layers.1.mlp.down_proj.weight", "norm.weight", "lm_head.weight"]
     params = dict(model.named_parameters())
 
-    class Flat(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x).reshape(-1, LLAMA_TEST.vocab_size)
-
     ref_op = curvlinops.HessianLinearOperator(
-        Flat(model), torch.nn.CrossEntropyLoss(), [params[n] for n in names],
+        FlatLogits(model), torch.nn.CrossEntropyLoss(), [params[n] for n in names],
         [(batch.inputs, batch.targets.reshape(-1))])
     op = hessian(model, batch, partition(model, names))
     v = torch.randn(op.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))

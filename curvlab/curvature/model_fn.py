@@ -49,3 +49,16 @@ def model_params(
             t = t.to(device=device, dtype=dtype)
         out[name] = t
     return out
+
+
+class FlatLogits(nn.Module):
+    """``model`` with logits flattened to ``[tokens, vocab]``: the shape peer libraries
+    (curvlinops, BackPACK) expect for a cross-entropy over tokens."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        out = extract_logits(self.model(inputs))
+        return out.reshape(-1, out.shape[-1])
