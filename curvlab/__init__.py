@@ -12,13 +12,14 @@ Public API (see docs/api.md):
 
 __version__ = "0.1.0"
 
-from curvlab import curvature, data, errors, linalg, models, store, train  # noqa: E402
+from curvlab import compare, curvature, data, errors, linalg, models, store, train  # noqa: E402
 from curvlab.checkpoint import (  # noqa: E402
     CheckpointInfo,
     load_checkpoint,
     load_model,
     save_checkpoint,
 )
+from curvlab.compare import CompareResult, compare_checkpoints, compare_preconditioners  # noqa: E402
 from curvlab.curvature.blocks import (  # noqa: E402
     Block,
     Part,
@@ -49,6 +50,10 @@ from curvlab.models import ModelConfig, build_model, lm_loss, math_attention, pr
 from curvlab.train import TrainConfig, TrainingDivergedError, TrainResult  # noqa: E402
 
 __all__ = [
+    "CompareResult",
+    "compare",
+    "compare_checkpoints",
+    "compare_preconditioners",
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",

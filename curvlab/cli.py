@@ -562,6 +562,110 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
 
 
 @cli.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
+@click.option("--preconditioners", default="full,layerwise,diag,adam,kfac,identity",
+              show_default=True,
+              help="Comma-separated: full, layerwise, diag, adam, kfac, identity.")
+@click.option("--damping", "dampings", default="1e-3,1e-2", show_default=True,
+              help="Comma-separated dampings λ >= 0 (P + λI; λ is Adam's ε for adam).")
+@click.option("--blocks", "block_specs", multiple=True,
+              help="Partition defining 'layerwise' (preset or globs/slices; default: layer).")
+@click.option("--val-batches", type=int, default=1, show_default=True,
+              help="Held-out batches (val split) for the line-searched loss.")
+@click.option("--cg-tol", type=float, default=1e-4, show_default=True,
+              help="Relative residual of the conjugate-gradient solves.")
+@click.option("--cg-max-iter", type=int, default=1000, show_default=True)
+@click.option("--dense-max", type=int, default=2048, show_default=True,
+              help="Matrices and blocks up to this size are held densely (exact solves, "
+                   "diagonals, spectra).")
+@click.option("--kfac", "kfac_estimator", type=click.Choice(["mc", "exact"]), default="mc",
+              show_default=True,
+              help="K-FAC output factor: sampled labels or exact (N·V passes).")
+@click.option("--kfac-samples", type=int, default=4, show_default=True)
+@click.option("--spectrum/--no-spectrum", default=True, show_default=True,
+              help="Condition numbers of the preconditioned GN matrix.")
+@click.option("--per-block", is_flag=True, help="Also print each block's share of the decrease.")
+@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64",
+              show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
+              help="HDF5 results file (/compare); not written if omitted.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for the figures (PNG).")
+@data_options
+def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg_tol,
+            cg_max_iter, dense_max, kfac_estimator, kfac_samples, spectrum, per_block, dtype,
+            device, out, overwrite, plot_dir, data_source, batch_size, seq_len, num_batches,
+            seed, windows, split) -> None:
+    """Full vs layerwise (and diagonal, Adam-like, K-FAC, identity) Gauss-Newton
+    preconditioners on one or more checkpoints of one run: predicted decrease, line-searched
+    validation loss, cosine to full GN, conditioning, off-diagonal energy."""
+    import os
+
+    import torch
+
+    from curvlab import store
+    from curvlab.compare import (
+        compare_checkpoints,
+        compare_figures,
+        format_evolution,
+        format_table,
+        write_compare,
+    )
+
+    try:
+        lams = [float(x) for x in _parse_list(dampings)]
+    except ValueError:
+        raise curvlab.errors.ConfigError(f"--damping: not numbers: {dampings}") from None
+    names = _parse_list(preconditioners)
+    if val_batches < 1:
+        raise curvlab.errors.ConfigError("--val-batches must be >= 1")
+    out_path = store.check_output(out, overwrite) if out else None
+    # the first checkpoint's data options define the batches of every checkpoint
+    model, info, spec, batches = load_analysis_inputs(
+        checkpoints[0], data_source, batch_size, seq_len, num_batches, seed, windows, split,
+        device=device)
+    for note in info.notes:
+        click.echo(f"note: {note}")
+    start = num_batches if split == "val" else 0  # held-out batches never overlap the others
+    val = curvlab.data.analysis_batches(spec, val_batches, info.vocab_size, "val", start)
+    blocks = curvlab.partition(model, list(block_specs)) if block_specs else "layer"
+    del model
+
+    def load(path):
+        return curvlab.load_model(path, device=device)
+
+    runs = compare_checkpoints(
+        checkpoints, batches, val, load=load, preconditioners=names, dampings=lams,
+        blocks=blocks, cg_tol=cg_tol, cg_max_iter=cg_max_iter, dense_max=dense_max,
+        kfac_estimator=kfac_estimator, kfac_samples=kfac_samples, spectrum=spectrum,
+        seed=seed or 0, dtype={"float64": torch.float64, "float32": torch.float32}[dtype],
+        device=device, progress=lambda msg: click.echo(f"  {msg}", err=True))
+    for run in runs:
+        click.echo(f"\ncheckpoint {run.checkpoint} (step {run.step})")
+        click.echo(format_table(run.result, per_block=per_block))
+    if len(runs) > 1:
+        click.echo("\n" + format_evolution(runs))
+    if out_path is not None:  # root provenance: the earliest checkpoint; /compare/<k>: each
+        prov = store.make_provenance(runs[0].checkpoint, info.model_dict(),
+                                     data_provenance(spec, batches, split), dtype, device)
+        with store.create_file(out_path, prov, runs[0].result.partition,
+                               overwrite=overwrite) as writer:
+            write_compare(writer, runs)
+        click.echo(f"wrote {out_path}")
+    if plot_dir:
+        from curvlab.plot import save
+
+        os.makedirs(plot_dir, exist_ok=True)
+        context = f"{info.family}, {runs[-1].result.n:,} coordinates, " \
+                  f"{runs[-1].result.tokens:,} tokens"
+        for stem, fig in compare_figures(runs, context):
+            for path in save(fig, os.path.join(plot_dir, stem)):
+                click.echo(f"wrote {path}")
+
+
+@cli.command()
 @click.argument("file", type=click.Path(exists=False))
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for the figures (default: next to FILE, FILE stem + '_plots').")

@@ -213,7 +213,8 @@ def figure_condition_numbers(
                     bar.set_hatch("//")
     ax.set_xticks(x, [f"λ = {d:g}" for d in dampings])
     ax.set_yscale("log")
-    ax.set_xlabel("damping λ")
+    ax.set_xlabel("damping λ" + ("   (hatched: lower bounds)" if lower_bound is not None
+                                 and np.asarray(lower_bound).any() else ""))
     ax.set_ylabel("condition number of P^-1/2 (G + λI) P^-1/2 (log)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
