@@ -96,6 +96,13 @@ def test_cli_on_hf_folder(hf_folder, tmp_path, capsys):
     assert code == 0 and "huggingface" in out and "layer.1" in out
     code, out, _ = run_cli(capsys, "verify", hf_folder, "--data", tokens, "--seq-len", 8)
     assert code == 0 and "all checks passed" in out
+    code, out, _ = run_cli(capsys, "spectrum", hf_folder, "--data", tokens, "--seq-len", 8,
+                           "--batch-size", 2, "--k", 3, "-o", tmp_path / "s.h5")
+    assert code == 0 and "full" in out
+    code, out, _ = run_cli(capsys, "extract", hf_folder, "--data", tokens, "--seq-len", 8,
+                           "--batch-size", 2, "--blocks", "layer", "--pairs", "head",
+                           "-o", tmp_path / "e.h5")
+    assert code == 0 and (tmp_path / "e.h5").exists()
     big = tmp_path / "big.bin"
     np.array([3, 40] * 100, dtype="<u2").tofile(big)
     assert_clean_error(capsys, "verify", hf_folder, "--data", big, "--seq-len", 8,
