@@ -271,6 +271,12 @@ def _figures(path: str):
         elif "full" in targets and "eigenvalues" in targets["full"]:
             yield f"top_eigenvalues_{kind}", figure_top_eigenvalues(
                 {"full": targets["full"]["eigenvalues"]}, kind=kind, context=context)
+    with h5py.File(path, "r", locking=False) as f:
+        has_compare = "compare" in f
+    if has_compare:
+        from curvlab.compare import compare_figures, read_compare
+
+        yield from compare_figures(read_compare(path), context)
     for kind in res.coupling_kinds:
         cm = res.coupling(kind)
         yield f"coupling_{kind}", figure_coupling(list(cm.names), cm.frobenius.numpy(),

@@ -28,7 +28,9 @@ $CURVLAB spectrum "$OUT/blocks.h5"                 # exact eigenvalues of the st
 # 4. top eigenvalues and SLQ densities of the full and the block-diagonal (layerwise) GGN
 $CURVLAB spectrum "$CKPT" --seq-len 32 --batch-size 2 --k 5 --blockdiag --density \
     --probes 2 --steps 30 -o "$OUT/spectra.h5"
-# 5. figures
-$CURVLAB plot "$OUT/blocks.h5" -o "$OUT/plots"
-$CURVLAB plot "$OUT/spectra.h5" -o "$OUT/plots"
+# 5. full vs layerwise vs diagonal GN preconditioners at two checkpoints of the run
+$CURVLAB compare "$OUT/run/step_000003.pt" "$CKPT" --preconditioners full,layerwise,diag,identity \
+    --damping 1e-2 --no-spectrum --seq-len 32 --batch-size 2 -o "$OUT/compare.h5"
+# 6. figures
+for f in blocks spectra compare; do $CURVLAB plot "$OUT/$f.h5" -o "$OUT/plots"; done
 echo "demo: outputs in $OUT/"
