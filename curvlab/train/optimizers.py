@@ -107,6 +107,24 @@ def _project(x: torch.Tensor, qs: list[torch.Tensor | None], back: bool = False)
     return x
 
 
+def _eigenvectors(gg: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """Eigenvectors of a symmetric PSD factor. ``eigh`` can fail to converge on a nearly
+    degenerate factor (seen in float32 on CPU): retry in float64 with a tiny relative jitter,
+    and keep the previous basis if that fails too."""
+    try:
+        return torch.linalg.eigh(gg)[1]
+    except torch.linalg.LinAlgError:
+        g64 = gg.double()
+        jitter = 1e-10 * float(g64.diagonal().abs().max().clamp_min(1e-30))
+        eye = torch.eye(gg.shape[0], dtype=g64.dtype, device=gg.device)
+        try:
+            return torch.linalg.eigh(g64 + jitter * eye)[1].to(gg.dtype)
+        except torch.linalg.LinAlgError:
+            if previous is not None:
+                return previous
+            return torch.eye(gg.shape[0], dtype=gg.dtype, device=gg.device)
+
+
 class SOAP(Optimizer):
     """Shampoo-eigenbasis Adam (see the module docstring)."""
 
@@ -129,7 +147,9 @@ class SOAP(Optimizer):
 
     @staticmethod
     def _eigenbases(state: dict) -> None:
-        state["Q"] = [None if gg is None else torch.linalg.eigh(gg)[1] for gg in state["GG"]]
+        old = state.get("Q")
+        state["Q"] = [None if gg is None else _eigenvectors(gg, old[i] if old else None)
+                      for i, gg in enumerate(state["GG"])]
 
     @torch.no_grad()
     def step(self, closure=None):
