@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from curvlab.train import TrainConfig, train
+from curvlab.train import TrainConfig, TrainingDivergedError, train
 
 
 @dataclass
@@ -77,7 +77,11 @@ def run(s: Settings, out: Path) -> list[dict]:
             **(dict(inner_steps=s.inner_steps, inner_lr=lr) if gn
                else dict(lr=lr, grad_accum=s.inner_steps)), **common)
         t = time.perf_counter()
-        r = train(cfg)
+        try:
+            r = train(cfg)
+        except TrainingDivergedError as e:  # a too-large learning rate is a result of a sweep
+            print(f"{name:<14} lr {lr:<7g} diverged: {e}", flush=True)
+            continue
         wall = time.perf_counter() - t
         row = {"method": name, "lr": lr, "steps": r.step, "val_loss": r.val_loss,
                "best_val_loss": min(h["val_loss"] for h in r.history if h["val_loss"]),
