@@ -66,6 +66,20 @@ class Partition:
     blocks: tuple[Block, ...]
     preset: str = "custom"
 
+    def __post_init__(self) -> None:
+        names = [b.name for b in self.blocks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"duplicate block names: {', '.join(dup)}")
+        used: dict[str, list[tuple[int, int, str]]] = {}
+        for b in self.blocks:
+            for part in b.parts:
+                for a, c, other in used.get(part.param, []):
+                    if part.start < c and a < part.stop:
+                        raise ConfigError(
+                            f"blocks {other!r} and {b.name!r} overlap in {part.param}")
+                used.setdefault(part.param, []).append((part.start, part.stop, b.name))
+
     @property
     def names(self) -> list[str]:
         return [b.name for b in self.blocks]
@@ -262,15 +276,4 @@ def partition(model: nn.Module, spec: str | Iterable[str] = "layer") -> Partitio
                               f"{', '.join(PRESETS)}, or parameter globs / slices")
         spec = [spec]
     blocks = tuple(_spec_block(model, s) for s in spec)
-    names = [b.name for b in blocks]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ConfigError(f"duplicate block names: {', '.join(dup)}")
-    used: dict[str, list[tuple[int, int, str]]] = {}
-    for b in blocks:
-        for part in b.parts:
-            for a, c, other in used.get(part.param, []):
-                if part.start < c and a < part.stop:
-                    raise ConfigError(f"blocks {other!r} and {b.name!r} overlap in {part.param}")
-            used.setdefault(part.param, []).append((part.start, part.stop, b.name))
     return Partition(blocks, "custom")

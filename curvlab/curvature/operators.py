@@ -346,7 +346,7 @@ class CurvatureOperator:
         if vectorize is None:
             vectorize = self.device.type != "cpu" or self.engine.num_params < VMAP_CPU_MAX_PARAMS
         if not vectorize:
-            return torch.stack([self._matvec(V[:, i]) for i in range(V.shape[1])], dim=1)
+            return self._column_by_column(V)
         self.engine.prepare()
         rows = V.T.contiguous()
         try:
@@ -356,7 +356,10 @@ class CurvatureOperator:
             # layout cannot take (seen on learned position embeddings): same result by a loop
             if "view size is not compatible" not in str(e):
                 raise
-            return torch.stack([self._matvec(V[:, i]) for i in range(V.shape[1])], dim=1)
+            return self._column_by_column(V)
+
+    def _column_by_column(self, V: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self._matvec(V[:, i]) for i in range(V.shape[1])], dim=1)
 
     def block(self, row: str, col: str | None = None) -> CurvatureOperator:
         """The (row block, column block) sub-operator (the diagonal block if ``col`` is None)."""

@@ -23,7 +23,6 @@ class BlockSpace:
         self.shapes = dict(shapes)
         self.segments: list[tuple[str, int, int, int]] = []  # (param, start, stop, offset)
         offset = 0
-        seen: dict[str, list[tuple[int, int]]] = {}
         for block in partition:
             for part in block.parts:
                 if part.param not in self.shapes:
@@ -34,12 +33,6 @@ class BlockSpace:
                         f"block {block.name!r}: range [{part.start}, {part.stop}) is outside "
                         f"parameter {part.param} of {numel} elements"
                     )
-                for a, b in seen.get(part.param, []):
-                    if part.start < b and a < part.stop:
-                        raise ConfigError(
-                            f"block {block.name!r} overlaps another block in {part.param}"
-                        )
-                seen.setdefault(part.param, []).append((part.start, part.stop))
                 self.segments.append((part.param, part.start, part.stop, offset))
                 offset += part.stop - part.start
         self.size = offset
