@@ -12,14 +12,18 @@ module from their papers / reference code (written for readability, not speed):
   Newton-Schulz runs in the parameter dtype (the reference uses bfloat16 on GPUs).
   Embeddings, the LM head and 1-D parameters use AdamW (``muon=False`` groups).
 - **SOAP** (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's preconditioner. For every
-  dimension ``i`` of size ``<= max_precond_dim`` a factor
+  dimension ``i`` of size ``<= max_precond_dim`` of a matrix parameter, a factor
   ``GG_i ← β_s GG_i + (1 − β_s) G_(i) G_(i)ᵀ`` (``G_(i)`` the gradient unfolded along ``i``)
-  and its eigenvectors ``Q_i`` (``torch.linalg.eigh``, recomputed every
-  ``precondition_frequency`` steps). The gradient is rotated, ``G' = G ×_i Q_iᵀ``;
-  Adam's second moment is kept in the rotated space, the first moment in the original space
-  (rotated when used); the Adam direction is rotated back. Simplification against the reference:
-  eigenvectors come from ``eigh`` (not one power iteration + QR) and the second moment is not
-  re-sorted when the basis changes (``eigh`` keeps the eigenvalue order).
+  and an orthonormal basis ``Q_i`` of its eigenvectors. The gradient is rotated,
+  ``G' = G ×_i Q_iᵀ``; Adam's second moment is kept in the rotated space, the first moment in
+  the original space (rotated when used); the Adam direction is rotated back. As in the
+  reference code, the first basis comes from ``eigh`` (in float64) and every
+  ``precondition_frequency`` steps the basis is refreshed by one power iteration,
+  ``Q_i ← qr(GG_i Q_i)``, after sorting its columns (and the second moment along ``i``) by the
+  estimated eigenvalues ``diag(Q_iᵀ GG_i Q_i)``: the basis moves smoothly, so the second moment
+  stays meaningful across refreshes, and QR cannot fail on the degenerate factors of embedding
+  rows that never occur (a float32 ``eigh`` returned NaN there without raising: found by the
+  baseline analysis). 1-D parameters get plain Adam (the reference's ``precondition_1d=False``).
 
 Every optimizer applies decoupled weight decay ``p ← p (1 − lr · wd)`` before its update (``sgd``:
 PyTorch's coupled L2 decay); weight decay is given to the groups of matrices only (see
@@ -107,22 +111,19 @@ def _project(x: torch.Tensor, qs: list[torch.Tensor | None], back: bool = False)
     return x
 
 
-def _eigenvectors(gg: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-    """Eigenvectors of a symmetric PSD factor. ``eigh`` can fail to converge on a nearly
-    degenerate factor (seen in float32 on CPU): retry in float64 with a tiny relative jitter,
-    and keep the previous basis if that fails too."""
+def _eigenvectors(gg: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of a symmetric PSD factor, largest eigenvalue first, computed in float64 with
+    a tiny relative jitter (float32 ``eigh`` can return NaN on a nearly degenerate factor)."""
+    g64 = gg.double()
+    jitter = 1e-12 * float(g64.diagonal().abs().max().clamp_min(1e-30))
+    eye = torch.eye(gg.shape[0], dtype=g64.dtype, device=gg.device)
     try:
-        return torch.linalg.eigh(gg)[1]
+        q = torch.linalg.eigh(g64 + jitter * eye)[1]
     except torch.linalg.LinAlgError:
-        g64 = gg.double()
-        jitter = 1e-10 * float(g64.diagonal().abs().max().clamp_min(1e-30))
-        eye = torch.eye(gg.shape[0], dtype=g64.dtype, device=gg.device)
-        try:
-            return torch.linalg.eigh(g64 + jitter * eye)[1].to(gg.dtype)
-        except torch.linalg.LinAlgError:
-            if previous is not None:
-                return previous
-            return torch.eye(gg.shape[0], dtype=gg.dtype, device=gg.device)
+        q = None
+    if q is None or not torch.isfinite(q).all():
+        return torch.eye(gg.shape[0], dtype=gg.dtype, device=gg.device)
+    return q.flip(-1).to(gg.dtype)
 
 
 class SOAP(Optimizer):
@@ -146,10 +147,17 @@ class SOAP(Optimizer):
                 gg.mul_(beta).add_(torch.tensordot(g, g, dims=(others, others)), alpha=1 - beta)
 
     @staticmethod
-    def _eigenbases(state: dict) -> None:
-        old = state.get("Q")
-        state["Q"] = [None if gg is None else _eigenvectors(gg, old[i] if old else None)
-                      for i, gg in enumerate(state["GG"])]
+    def _refresh(state: dict) -> None:
+        """One power iteration per factor, ``Q_i ← qr(GG_i Q_i)``, after sorting the columns of
+        ``Q_i`` (and the second moment along ``i``) by the estimated eigenvalues."""
+        for i, (gg, q) in enumerate(zip(state["GG"], state["Q"])):
+            if gg is None:
+                continue
+            order = torch.argsort((q.T @ gg @ q).diagonal(), descending=True)
+            state["exp_avg_sq"] = state["exp_avg_sq"].index_select(i, order)
+            q_new = torch.linalg.qr(gg @ q[:, order])[0]
+            if torch.isfinite(q_new).all():
+                state["Q"][i] = q_new
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -163,10 +171,11 @@ class SOAP(Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["GG"] = [g.new_zeros(d, d) if d <= group["max_precond_dim"] else None
+                    state["GG"] = [g.new_zeros(d, d)
+                                   if d <= group["max_precond_dim"] and p.ndim > 1 else None
                                    for d in p.shape]
                     self._accumulate(state, g, 0.0)
-                    self._eigenbases(state)
+                    state["Q"] = [None if gg is None else _eigenvectors(gg) for gg in state["GG"]]
                 state["step"] += 1
                 t = state["step"]
                 g_rot = _project(g, state["Q"])
@@ -179,7 +188,7 @@ class SOAP(Optimizer):
                 p.add_(direction, alpha=-group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t))
                 self._accumulate(state, g, group["shampoo_beta"])
                 if t % group["precondition_frequency"] == 0:
-                    self._eigenbases(state)
+                    self._refresh(state)
 
 
 def param_groups(
