@@ -7,12 +7,24 @@ Public API (see docs/api.md):
 - checkpoints: :func:`load_checkpoint`, :func:`save_checkpoint`;
 - partitions: :func:`partition`, :func:`layer_partition`, :func:`param_partition`;
 - curvature operators: :func:`ggn`, :func:`hessian`, :func:`fisher`, :func:`curvature_operator`;
-- checks: :func:`verify_operators`.
+- checks: :func:`verify_operators`;
+- several processes (``torchrun``): :mod:`curvlab.distributed` (``init``, ``is_main``,
+  ``Batch.shard``), see docs/distributed.md.
 """
 
 __version__ = "0.1.0"
 
-from curvlab import compare, curvature, data, errors, linalg, models, store, train  # noqa: E402
+from curvlab import (  # noqa: E402
+    compare,
+    curvature,
+    data,
+    distributed,
+    errors,
+    linalg,
+    models,
+    store,
+    train,
+)
 from curvlab.checkpoint import (  # noqa: E402
     CheckpointInfo,
     load_checkpoint,
@@ -52,6 +64,7 @@ from curvlab.train import TrainConfig, TrainingDivergedError, TrainResult  # noq
 __all__ = [
     "CompareResult",
     "compare",
+    "distributed",
     "compare_checkpoints",
     "compare_preconditioners",
     "TrainConfig",

@@ -7,12 +7,14 @@ stderr and exit 1 (usage errors exit 2); ``curvlab --debug ...`` shows the trace
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 import click
 
 import curvlab
+from curvlab import distributed
 from curvlab.errors import CurvlabError
 
 
@@ -202,10 +204,13 @@ def train(optimizer, preset_name, init_path, data_source, seq_len, micro_batch_s
         checkpoint_every=checkpoint_every, out=out, resume=resume, device=device, dtype=dtype,
     )
     config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    # under torchrun every process trains on its rows of each micro-batch; rank 0 writes
     result = run_training(config, progress=progress)
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
+    world = distributed.world_size()
     click.echo(f"{config.optimizer}: {result.step} steps, {result.tokens:,} tokens, "
-               f"val loss {val}, {result.wall_time:.1f} s")
+               f"val loss {val}, {result.wall_time:.1f} s"
+               + (f" ({world} processes)" if world > 1 else ""))
     if config.target_loss is not None:
         if result.steps_to_target is None:
             click.echo(f"target {config.target_loss} not reached")
@@ -257,7 +262,16 @@ def load_analysis_inputs(checkpoint: str, data_source, batch_size, seq_len, num_
         raise curvlab.errors.DataError(
             f"--seq-len {spec.seq_len} exceeds the model's {info.seq_len} positions")
     batches = curvlab.data.analysis_batches(spec, num_batches, info.vocab_size, split)
+    if distributed.active():  # every rank: the same model, its rows of every batch
+        distributed.check_same("model", {"checkpoint": checkpoint,
+                                         "checksum": _param_checksum(model)})
+        batches = [b.shard() for b in batches]
     return model, info, spec, batches
+
+
+def _param_checksum(model) -> str:
+    """A float64 checksum of the parameters (same checkpoint on every torchrun rank?)."""
+    return repr([float(p.detach().double().sum()) for p in model.parameters()])
 
 
 @cli.command()
@@ -310,7 +324,7 @@ def data_provenance(spec, batches, split: str) -> dict[str, Any]:
     """The ``data`` provenance of an analysis: the spec plus what was actually used."""
     d = spec.to_dict()
     d.update(batches=len(batches), split=split,
-             tokens=int(sum(b.num_tokens for b in batches)),
+             tokens=int(sum(b.token_range[1] for b in batches)),  # whole batches (all ranks)
              tokenizer=curvlab.data.source_tokenizer(spec.source))
     return d
 
@@ -366,6 +380,7 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
         format_bytes,
         plan_extraction,
         resolve_pairs,
+        shared_sink,
     )
     from curvlab.curvature.operators import CURVATURES, curvature_operator, default_partition
 
@@ -375,8 +390,9 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
         raise curvlab.errors.ConfigError(f"unknown curvature {', '.join(bad) or kinds!r}; "
                                          f"valid: {', '.join(CURVATURES)}")
     out = Path(out)
-    resuming = resume and out.exists()
-    if not resuming:
+    main = distributed.is_main()  # under torchrun only rank 0 touches the file
+    resuming = distributed.broadcast_object(resume and out.exists())
+    if not resuming and main:
         store.check_output(out)  # before any work
     model, info, spec, batches = load_analysis_inputs(
         checkpoint, data_source, batch_size, seq_len, num_batches, seed, windows, split,
@@ -394,31 +410,36 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
     first = ops[names[0]]
     prov = store.make_provenance(checkpoint, info.model_dict(),
                                  data_provenance(spec, batches, split), first.dtype, first.device)
-    writer = store.open_for_resume(out, prov, blocks) if resuming else None
+    writer = store.open_for_resume(out, prov, blocks) if resuming and main else None
+    view = shared_sink(writer, blocks, names)  # other ranks: rank 0's targets, no writes
     try:
-        plan = plan_extraction(ops, pairs, sink=writer, chunk_cols=chunk_cols)
+        plan = plan_extraction(ops, pairs, sink=view, chunk_cols=chunk_cols)
         click.echo(f"{blocks.size:,} coordinates in {len(blocks)} blocks, "
                    f"{first.num_tokens:,} tokens; {plan.describe()}")
         check_limits(plan, force=force, disk_path=out.parent)
-        if writer is None:
+        if writer is None and main:
             shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
             writer = store.create_file(out, prov, blocks, param_shapes=shapes)
-        for k in names:
+        for k in names if main else ():
             writer.kind_options(k, {"mc_samples": 1, "seed": spec.seed} if k == "mcfisher"
                                 else {})
         with tqdm(total=plan.products, unit="col", desc="blocks", disable=None) as bar:
-            result = extract_blocks(ops, pairs, writer, chunk_cols=chunk_cols,
+            result = extract_blocks(ops, pairs, writer if main else view, chunk_cols=chunk_cols,
                                     progress=bar.update)
-        todo = [k for k in names if coupling and not writer.has_coupling(k)]
+        todo = distributed.broadcast_object(
+            [k for k in names if coupling and not writer.has_coupling(k)] if main else None)
         with tqdm(total=len(todo) * coupling_products(blocks.sizes), unit="col",
                   desc="coupling", disable=None if todo else True) as bar:
             for k in todo:
-                writer.write_coupling(k, coupling_map(ops[k], seed=spec.seed,
-                                                      chunk_cols=chunk_cols,
-                                                      progress=bar.update))
+                cmap = coupling_map(ops[k], seed=spec.seed, chunk_cols=chunk_cols,
+                                    progress=bar.update)
+                if main:
+                    writer.write_coupling(k, cmap)
     finally:
         if writer is not None:
             writer.close()
+    if not main:
+        return
     results = store.read(out)
     click.echo(f"{'kind':<9} {'pairs':>5} {'complete':>8} {'chunks':>13} {'size':>10}  "
                "off-diagonal energy")
@@ -484,7 +505,10 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
     from curvlab.spectra import TargetSpectrum, compute_spectra, exact_eigenvalues
     from curvlab.store.spectrum import write_target_spectrum
 
+    main = distributed.is_main()
     if str(source).endswith((".h5", ".hdf5")):
+        if not main:  # stored blocks: nothing to share, rank 0 does it alone
+            return
         res = store.read(source)
         pairs = [(kd, r) for kd in res.kinds for r, c in res.pairs(kd) if r == c]
         if not pairs:
@@ -507,7 +531,7 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
         device)
     for note in info.notes:
         click.echo(f"note: {note}")
-    out_path = store.check_output(out, overwrite)
+    out_path = store.check_output(out, overwrite) if main else None
     blocks = curvlab.partition(model, preset) if preset else \
         curvlab.curvature.operators.default_partition(model)
     op = curvlab.curvature.operators.curvature_operator(kind, model, batches, blocks)
@@ -533,6 +557,8 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
                                        return_vectors=vectors, seed=lanczos_seed)
             bar.update()
     bar.close()
+    if not main:
+        return
     for w in caught:
         if issubclass(w.category, curvlab.linalg.LinalgWarning):
             click.echo(f"warning: {w.message}", err=True)
@@ -621,7 +647,8 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
     names = _parse_list(preconditioners)
     if val_batches < 1:
         raise curvlab.errors.ConfigError("--val-batches must be >= 1")
-    out_path = store.check_output(out, overwrite) if out else None
+    main = distributed.is_main()  # under torchrun only rank 0 prints and writes
+    out_path = store.check_output(out, overwrite) if out and main else None
     # the first checkpoint's data options define the batches of every checkpoint
     model, info, spec, batches = load_analysis_inputs(
         checkpoints[0], data_source, batch_size, seq_len, num_batches, seed, windows, split,
@@ -630,6 +657,7 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
         click.echo(f"note: {note}")
     start = num_batches if split == "val" else 0  # held-out batches never overlap the others
     val = curvlab.data.analysis_batches(spec, val_batches, info.vocab_size, "val", start)
+    val = [b.shard() for b in val]  # this rank's rows (all of them on one process)
     blocks = curvlab.partition(model, list(block_specs)) if block_specs else "layer"
     del model
 
@@ -642,6 +670,8 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
         kfac_estimator=kfac_estimator, kfac_samples=kfac_samples, spectrum=spectrum,
         seed=seed or 0, dtype={"float64": torch.float64, "float32": torch.float32}[dtype],
         device=device, progress=lambda msg: click.echo(f"  {msg}", err=True))
+    if not main:
+        return
     for run in runs:
         click.echo(f"\ncheckpoint {run.checkpoint} (step {run.step})")
         click.echo(format_table(run.result, per_block=per_block))
@@ -688,28 +718,62 @@ def plot(file, out_dir, pdf) -> None:
         click.echo(f"wrote {path}")
 
 
+DISTRIBUTED_COMMANDS = ("extract", "spectrum", "compare", "train")
+
+
+def _command(args: list[str]) -> str | None:
+    return next((a for a in args if not a.startswith("-")), None)
+
+
+def _join_process_group(args: list[str]) -> None:
+    """Under ``torchrun``: check the command runs distributed, join the process group, check
+    every rank got the same command line, and silence the output of ranks other than 0."""
+    command = _command(args)
+    if command is not None and command not in DISTRIBUTED_COMMANDS and command in cli.commands:
+        raise curvlab.errors.ConfigError(
+            f"curvlab {command} does not run under torchrun (only "
+            f"{', '.join(DISTRIBUTED_COMMANDS)} do); run it as a single process")
+    distributed.init()
+    distributed.check_same("command line", {"argv": args})
+    if not distributed.is_main():
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point with one-line errors (tracebacks only with ``--debug``)."""
+    """Console entry point with one-line errors (tracebacks only with ``--debug``).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the process joins the process group first; errors
+    name their rank (``error (rank 1): ...``) and only rank 0 prints anything else.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    err = sys.stderr  # kept: ranks other than 0 silence sys.stderr but still report errors
+    where = f" (rank {os.environ.get('RANK', '?')})" if distributed.launched() else ""
+
+    def fail(message: str, code: int) -> None:
+        print(f"error{where}: {message}", file=err, flush=True)
+        distributed.shutdown()
+        sys.exit(code)
+
     try:
+        if distributed.launched():
+            _join_process_group(args)
         rv = cli.main(args=args, prog_name="curvlab", standalone_mode=False)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        if not where:
+            e.show()
+            sys.exit(e.exit_code)
+        fail(e.format_message(), e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        fail("interrupted", 130)
     except CurvlabError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        fail(str(e), 1)
     except Exception as e:
         if debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
-        click.echo(f"error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
-                   err=True)
-        sys.exit(1)
+        fail(f"{type(e).__name__}: {msg} (rerun with --debug for the traceback)", 1)
+    distributed.shutdown()
     sys.exit(rv if isinstance(rv, int) else 0)

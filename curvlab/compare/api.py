@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab import distributed
 from curvlab.compare.directions import (
     PRECONDITIONERS,
     PreconditionerBuilder,
@@ -183,7 +184,8 @@ def compare_preconditioners(
                                     diag_probes=diag_probes, kfac_estimator=kfac_estimator,
                                     kfac_samples=kfac_samples, seed=seed)
     val_loss = problem.loss_at(val)
-    val_tokens = sum(int((b.targets != ignore_index).sum()) for b in val)
+    val_tokens = int(distributed.sum_scalars(  # all ranks' shards under torchrun
+        sum(int((b.targets != ignore_index).sum()) for b in val))[0])
     order = ["full"] + [n for n in names if n != "full"] if "full" in names else list(names)
     rows: dict[tuple[str, float], DirectionMetrics] = {}
     warm: dict[str, torch.Tensor] = {}

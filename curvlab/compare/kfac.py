@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from curvlab import distributed
+from curvlab.curvature.logit_space import sample_labels
 from curvlab.curvature.model_fn import LogitsFn, default_logits_fn
 from curvlab.curvature.space import BlockSpace
 from curvlab.data.batches import Batch
@@ -128,7 +130,9 @@ def kfac_factors(
     fn = logits_fn or default_logits_fn
     modules = dict(model.named_modules())
     dtype = next(iter(params.values())).dtype
-    total = sum(int((b.targets != ignore_index).sum()) for b in batches)
+    # the loss is the mean over the tokens of every rank's shard (one process: these batches)
+    total = int(distributed.sum_scalars(
+        sum(int((b.targets != ignore_index).sum()) for b in batches))[0])
     gen = torch.Generator().manual_seed(seed)
     sums_a = {ly.module: 0.0 for ly in layers}
     sums_b = {ly.module: 0.0 for ly in layers}
@@ -163,7 +167,8 @@ def kfac_factors(
             targets = batch.targets.reshape(-1)
             mask = (targets != ignore_index).to(dtype)
             p = torch.softmax(z.detach(), dim=-1)
-            for cot in _cotangents(p, mask / total, estimator, samples, gen, chunk):
+            for cot in _cotangents(p, mask / total, estimator, samples, gen, chunk,
+                                   batch.token_range):
                 grads = torch.autograd.grad(z, [q for _, q in probes], grad_outputs=cot,
                                             retain_graph=True, is_grads_batched=True)
                 for (name, _), g in zip(probes, grads):
@@ -172,6 +177,17 @@ def kfac_factors(
     finally:
         for h in handles:
             h.remove()
+    if distributed.active():  # sums over the shards of all ranks, one collective
+        keys = [ly.module for ly in layers]
+        tensors = [torch.as_tensor(d[k], dtype=dtype, device=next(iter(params.values())).device)
+                   for k in keys for d in (sums_a, sums_b)] + [
+            torch.tensor([float(positions[k]) for k in keys], dtype=torch.float64,
+                         device=next(iter(params.values())).device)]
+        tensors = [t.clone() for t in tensors]
+        distributed.all_reduce_(tensors)
+        for i, k in enumerate(keys):
+            sums_a[k], sums_b[k] = tensors[2 * i], tensors[2 * i + 1]
+        positions = {k: int(round(float(v))) for k, v in zip(keys, tensors[-1])}
     out = []
     for ly in layers:
         t = positions[ly.module]
@@ -183,15 +199,14 @@ def kfac_factors(
 
 
 def _cotangents(p: torch.Tensor, weight: torch.Tensor, estimator: str, samples: int,
-                gen: torch.Generator, chunk: int):
+                gen: torch.Generator, chunk: int, token_range: tuple[int, int] | None = None):
     """Batches ``[k, N, V]`` of logit cotangents ``u`` whose outer products average (MC) or sum
     (exact) to ``Σ_n weight_n² (diag p_n − p_n p_nᵀ)`` per token, without cross-token terms in
     expectation (MC) or at all (exact)."""
     n, v = p.shape
     w = weight[:, None]
     if estimator == "mc":
-        labels = torch.multinomial(p.float().cpu(), samples, replacement=True, generator=gen)
-        labels = labels.T.to(p.device)  # [samples, N]
+        labels = sample_labels(p, samples, gen, token_range)  # [samples, N]
         for s in range(0, samples, chunk):
             onehot = nn.functional.one_hot(labels[s:s + chunk], v).to(p.dtype)
             yield (p[None] - onehot) * w[None]

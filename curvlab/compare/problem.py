@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from curvlab import distributed
 from curvlab.curvature.blocks import Partition
 from curvlab.curvature.model_fn import LogitsFn, default_logits_fn, model_params
 from curvlab.curvature.operators import CurvatureOperator, fisher, ggn
@@ -215,6 +216,9 @@ class Problem:
                 grads = g if grads is None else [a + b for a, b in zip(grads, g)]
                 total += float(loss.detach())
         flat = self.space.from_tangents(dict(zip(names, grads))).detach()
+        if distributed.active():  # this rank's shard: sum over ranks (loss and g, two reductions)
+            flat = distributed.all_reduce_sum(flat)
+            total = distributed.sum_scalars(total)[0]
         if not torch.isfinite(flat).all():
             raise CurvlabError("the gradient holds NaN or Inf values")
         return total, flat, vocab
@@ -222,7 +226,8 @@ class Problem:
     def loss_at(self, batches: Sequence[Batch], direction: torch.Tensor | None = None,
                 step: float = 1.0) -> float:
         """``L(θ + step · direction)`` (mean token cross-entropy over all tokens of ``batches``;
-        ``direction`` in partition coordinates, ``None`` for ``L(θ)``)."""
+        ``direction`` in partition coordinates, ``None`` for ``L(θ)``; under ``torchrun`` the
+        batches are this rank's shard and the mean is over all ranks' tokens)."""
         params = dict(self.params)
         if direction is not None:
             t = self.space.to_tangents(step * direction, self.space.params, self.params)
@@ -234,6 +239,7 @@ class Problem:
                 ce, _ = self._ce_sum(params, batch)
                 total += float(ce)
                 count += int((batch.targets != self.ignore_index).sum())
+        total, count = distributed.sum_scalars(total, count)
         if count == 0:
             raise CurvlabError("the validation batches have no target tokens that are not ignored")
         return total / count

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from curvlab import distributed
 from curvlab.curvature.blocks import Partition
 from curvlab.curvature.operators import CurvatureOperator, available_memory
 from curvlab.curvature.space import BlockSpace
@@ -63,6 +64,64 @@ class BlockSink(Protocol):
 
     def target(self, kind: str, row: str, col: str, dtype: Any, chunk_cols: int
                ) -> BlockTarget: ...
+
+
+class _MirrorTarget:
+    """A block target of rank 0's sink as seen by another rank: same layout, writes dropped."""
+
+    def __init__(self, shape: tuple[int, int], chunk_cols: int, done: np.ndarray) -> None:
+        self.shape, self.chunk_cols = shape, chunk_cols
+        self.n_chunks = math.ceil(shape[1] / chunk_cols)
+        self.done = done
+
+    def columns(self, j: int) -> tuple[int, int]:
+        return j * self.chunk_cols, min(self.shape[1], (j + 1) * self.chunk_cols)
+
+    def write(self, j: int, values: torch.Tensor) -> None:
+        pass
+
+
+class MirrorSink:
+    """Rank 0's sink on the other ``torchrun`` ranks: the same targets (shapes, chunk widths,
+    done flags), so every rank runs the same products in the same order; nothing is written."""
+
+    def __init__(self, partition: Partition,
+                 snapshot: Mapping[tuple[str, str, str], tuple[int, np.ndarray]]) -> None:
+        self.sizes = dict(zip(partition.names, partition.sizes))
+        self.targets = {key: _MirrorTarget((self.sizes[key[1]], self.sizes[key[2]]), width, done)
+                        for key, (width, done) in snapshot.items()}
+
+    def find(self, kind: str, row: str, col: str) -> BlockTarget | None:
+        return self.targets.get((kind, row, col))
+
+    def target(self, kind: str, row: str, col: str, dtype: Any, chunk_cols: int) -> BlockTarget:
+        key = (kind, row, col)
+        if key not in self.targets:
+            shape = (self.sizes[row], self.sizes[col])
+            self.targets[key] = _MirrorTarget(shape, chunk_cols,
+                                              np.zeros(math.ceil(shape[1] / chunk_cols), bool))
+        return self.targets[key]
+
+
+def shared_sink(sink: BlockSink | None, partition: Partition, kinds: Sequence[str]
+                ) -> BlockSink | None:
+    """Under ``torchrun``: ``sink`` on rank 0 (the only writer), a :class:`MirrorSink` of it on
+    the other ranks (rank 0's targets broadcast once). One process: ``sink`` itself."""
+    if not distributed.active():
+        return sink
+    snapshot = None
+    if distributed.is_main() and sink is not None:
+        snapshot = {}
+        for kind in kinds:
+            for row in partition.names:
+                for col in partition.names:
+                    t = sink.find(kind, row, col)
+                    if t is not None:
+                        snapshot[(kind, row, col)] = (t.chunk_cols, np.array(t.done, bool))
+    snapshot = distributed.broadcast_object(snapshot)
+    if distributed.is_main():
+        return sink
+    return MirrorSink(partition, snapshot or {})
 
 
 # -- pairs and sub-operators -----------------------------------------------------------------

@@ -24,6 +24,8 @@ class LogitCurvature:
 
     ``logits`` are ``[N, V]`` (detached), ``targets`` ``[N]``; ``scale`` is ``1/N_total``, the
     normalization of the mean loss over all tokens of all batches the operator sums over.
+    ``token_range``: where these N tokens sit in their whole batch (a row shard under
+    ``torchrun``; see :func:`sample_labels`).
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class LogitCurvature:
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
         chunk_tokens: int = 4096,
+        token_range: tuple[int, int] | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown logit curvature {kind!r}; expected one of {KINDS}")
@@ -51,9 +54,8 @@ class LogitCurvature:
             if kind == "efisher":
                 labels = safe[None]
             else:
-                labels = torch.multinomial(
-                    self.probs.float().cpu(), mc_samples, replacement=True, generator=generator
-                ).T.to(logits.device)
+                labels = sample_labels(self.probs, mc_samples, generator, token_range,
+                                       self.chunk)
             onehot = torch.nn.functional.one_hot(labels, logits.shape[-1]).to(logits.dtype)
             self.factors = (self.probs[None] - onehot) * self.mask[None, :, None]
 
@@ -87,3 +89,26 @@ def logit_gradient(
     g = torch.softmax(logits.detach(), dim=-1)
     g = g - torch.nn.functional.one_hot(safe, logits.shape[-1]).to(g.dtype)
     return g * (mask.to(g.dtype) * scale)[:, None]
+
+
+def sample_labels(
+    probs: torch.Tensor, samples: int, generator: torch.Generator | None,
+    token_range: tuple[int, int] | None = None, chunk_tokens: int = 4096,
+) -> torch.Tensor:
+    """``samples`` labels per token drawn from the rows of ``probs`` ``[N, V]``: ``[samples, N]``.
+
+    Inverse-CDF sampling with float64 uniforms drawn for the *whole* batch (``token_range =
+    (first token, batch tokens)``, default ``(0, N)``) and sliced to these tokens, so a row
+    shard of a batch gets the labels the whole batch would get from the same generator state.
+    """
+    n = probs.shape[0]
+    start, total = token_range if token_range is not None else (0, n)
+    u = torch.rand(total, samples, generator=generator, dtype=torch.float64)[start:start + n]
+    out = []
+    for i in range(0, n, max(1, chunk_tokens)):
+        cdf = probs[i:i + chunk_tokens].detach().double().cpu().cumsum(-1)
+        cdf = cdf / cdf[:, -1:]
+        idx = torch.searchsorted(cdf, u[i:i + chunk_tokens].contiguous(), right=True)
+        out.append(idx.clamp_(max=probs.shape[-1] - 1))
+    labels = torch.cat(out) if out else u.new_zeros(0, samples, dtype=torch.long)
+    return labels.T.contiguous().to(probs.device)

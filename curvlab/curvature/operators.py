@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, linearize, vjp, vmap
 
+from curvlab import distributed
 from curvlab.curvature.blocks import Partition, partition
 from curvlab.curvature.logit_space import LogitCurvature
 from curvlab.curvature.model_fn import LogitsFn, default_logits_fn, model_params
@@ -108,7 +109,8 @@ class _Engine:
         self.ignore_index = ignore_index
         self.batches = [b.to(self.device) for b in _as_batches(batches)]
         counts = [int((b.targets != ignore_index).sum()) for b in self.batches]
-        self.num_tokens = sum(counts)
+        # under torchrun the batches are this rank's shard; the loss is the mean over all ranks'
+        self.num_tokens = int(distributed.sum_scalars(sum(counts))[0])
         if self.num_tokens == 0:
             raise CurvlabError("the batches have no target tokens that are not ignored")
         for name, p in self.params.items():
@@ -196,7 +198,7 @@ class _Engine:
                             z, state["jvp"] = linearize(fn, self.active())
                         self._check_targets(z, targets)
                         _, state["vjp"] = vjp(fn, self.active())
-                        state["M"] = self._logit_curvature(z, targets)
+                        state["M"] = self._logit_curvature(z, targets, batch.token_range)
                     else:
                         state["M"] = None  # built from the first product's forward pass
                 states.append(state)
@@ -208,12 +210,13 @@ class _Engine:
             raise CurvlabError(f"target id {int(valid.max())} outside the model's "
                                f"{z.shape[-1]} logits")
 
-    def _logit_curvature(self, z: torch.Tensor, targets: torch.Tensor) -> LogitCurvature:
+    def _logit_curvature(self, z: torch.Tensor, targets: torch.Tensor,
+                         token_range: tuple[int, int] | None = None) -> LogitCurvature:
         self._check_targets(z, targets)
         return LogitCurvature(
             z.detach(), targets, kind=self.kind, scale=self.scale,
             ignore_index=self.ignore_index, mc_samples=self.mc_samples,
-            generator=self.generator, chunk_tokens=self.chunk_tokens,
+            generator=self.generator, chunk_tokens=self.chunk_tokens, token_range=token_range,
         )
 
     def prepare(self) -> None:
@@ -225,7 +228,8 @@ class _Engine:
             if state["M"] is None:
                 with torch.no_grad(), math_attention():
                     z = state["fn"](self.active())
-                state["M"] = self._logit_curvature(z, state["batch"].targets.reshape(-1))
+                state["M"] = self._logit_curvature(z, state["batch"].targets.reshape(-1),
+                                                   state["batch"].token_range)
 
     # -- products -------------------------------------------------------------------------
     def _loss_fn(self, state: dict[str, Any]):
@@ -255,11 +259,13 @@ class _Engine:
         # one forward pass carrying tangents, then one VJP through the same graph
         _, vjp_fn, (z, jz) = vjp(with_tangent, self.active(), has_aux=True)
         if state["M"] is None:
-            state["M"] = self._logit_curvature(z, state["batch"].targets.reshape(-1))
+            state["M"] = self._logit_curvature(z, state["batch"].targets.reshape(-1),
+                                               state["batch"].token_range)
         return vjp_fn(state["M"](jz))[0]
 
     def product(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Curvature times tangent ``t`` (dict over ``names``), summed over batches."""
+        """Curvature times tangent ``t`` (dict over ``names``), summed over this process's
+        batches (under ``torchrun`` the caller all-reduces, once per product)."""
         self._setup()
         total = None
         with torch.enable_grad(), math_attention(), warnings.catch_warnings():
@@ -308,10 +314,13 @@ class CurvatureOperator:
         return (f"CurvatureOperator({self.label}, shape={self.shape}, dtype={self.dtype}, "
                 f"device={self.device}, tokens={self.num_tokens})")
 
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+    def _local_matvec(self, v: torch.Tensor) -> torch.Tensor:
         e = self.engine
         t = self.col_space.to_tangents(v, e.names, e.params)
         return self.row_space.from_tangents(e.product(t))
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return _reduced(self._local_matvec(v))
 
     def __matmul__(self, v: Any) -> Any:
         if isinstance(v, Mapping):
@@ -350,7 +359,7 @@ class CurvatureOperator:
         self.engine.prepare()
         rows = V.T.contiguous()
         try:
-            return vmap(self._matvec, chunk_size=chunk_size)(rows).T
+            return _reduced(vmap(self._local_matvec, chunk_size=chunk_size)(rows).T)
         except RuntimeError as e:
             # graphs traced by torch.func.linearize may hold a `view` that a vmapped tangent's
             # layout cannot take (seen on learned position embeddings): same result by a loop
@@ -359,7 +368,8 @@ class CurvatureOperator:
             return self._column_by_column(V)
 
     def _column_by_column(self, V: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self._matvec(V[:, i]) for i in range(V.shape[1])], dim=1)
+        return _reduced(torch.stack([self._local_matvec(V[:, i]) for i in range(V.shape[1])],
+                                    dim=1))
 
     def block(self, row: str, col: str | None = None) -> CurvatureOperator:
         """The (row block, column block) sub-operator (the diagonal block if ``col`` is None)."""
@@ -388,6 +398,11 @@ class CurvatureOperator:
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (numpy in/out, float64 numpy dtype)."""
         return _to_scipy(self)
+
+
+def _reduced(local: torch.Tensor) -> torch.Tensor:
+    """The sum over ``torchrun`` ranks of their products on their shards (one all-reduce)."""
+    return distributed.all_reduce_sum(local) if distributed.active() else local
 
 
 class BlockDiagonalOperator:

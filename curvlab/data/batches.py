@@ -57,17 +57,42 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch: ``inputs`` and ``targets`` of shape ``[B, T]`` (int64)."""
+    """One batch: ``inputs`` and ``targets`` of shape ``[B, T]`` (int64).
+
+    A shard of a larger batch (rows ``row_start .. row_start+B-1`` of ``full_rows``, see
+    :meth:`shard`) remembers where it came from, so that seeded draws per token (Monte-Carlo
+    Fisher labels) are the same as on the whole batch.
+    """
 
     inputs: torch.Tensor
     targets: torch.Tensor
+    row_start: int = 0
+    full_rows: int | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.inputs.to(device), self.targets.to(device))
+        return dataclasses.replace(self, inputs=self.inputs.to(device),
+                                   targets=self.targets.to(device))
 
     @property
     def num_tokens(self) -> int:
         return self.targets.numel()
+
+    @property
+    def token_range(self) -> tuple[int, int]:
+        """``(first token, tokens of the whole batch)`` in the flattened ``[B·T]`` order."""
+        T = self.targets.shape[-1] if self.targets.ndim > 1 else 1
+        full = self.full_rows if self.full_rows is not None else self.targets.shape[0]
+        return self.row_start * T, full * T
+
+    def shard(self, rank: int | None = None, world: int | None = None) -> Batch:
+        """This process's rows of the batch under ``torchrun`` (itself on one process)."""
+        from curvlab.distributed import shard_rows
+
+        start, stop = shard_rows(self.inputs.shape[0], rank, world)
+        if (start, stop) == (0, self.inputs.shape[0]):
+            return self
+        return Batch(self.inputs[start:stop], self.targets[start:stop],
+                     self.row_start + start, self.full_rows or self.inputs.shape[0])
 
 
 class BatchStream:

@@ -16,6 +16,11 @@ default as in arXiv 2510.09378). One inner gradient is one forward pass carrying
 :class:`curvlab.curvature.operators.CurvatureOperator` with ``g_z`` added to the cotangent.
 
 Δ may cover only some parameters (a block); the others stay frozen at θ_t.
+
+Under ``torchrun`` (:mod:`curvlab.distributed`) the batches are this process's rows of each
+micro-batch: ``N`` is the token count of all ranks, every rank differentiates the sum over its
+rows, and one ``all_reduce`` per inner gradient (gradient and losses in one buffer) gives every
+rank the single-process result on the whole micro-batch.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from torch import nn
 from torch.func import jvp, vjp
 
+from curvlab import distributed
 from curvlab.curvature.logit_space import LogitCurvature, logit_gradient
 from curvlab.curvature.model_fn import LogitsFn, default_logits_fn
 from curvlab.data.batches import Batch
@@ -83,18 +89,30 @@ def linearized_vjp(
     return z, jz, vjp_fn(cotangent(z, jz))[0]
 
 
+def token_counts(batches: Sequence[Batch], ignore_index: int = -100) -> list[int]:
+    """Non-ignored target tokens of every micro-batch, summed over ``torchrun`` ranks (the
+    batches are this rank's shards; one collective for all of them)."""
+    local = [int((b.targets != ignore_index).sum()) for b in batches]
+    return [int(round(c)) for c in distributed.sum_scalars(*local)]
+
+
 def inner_gradient(
     model: nn.Module, theta: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
     batch: Batch, *, mode: str = "gn", damping: float = 0.0, ignore_index: int = -100,
-    logits_fn: LogitsFn | None = None,
+    logits_fn: LogitsFn | None = None, num_tokens: int | None = None,
 ) -> InnerGradient:
     """Gradient of the inner loss ``m`` (module docstring) w.r.t. ``delta`` (its keys are the
-    active parameters) on ``batch``, at the linearization point ``theta``."""
+    active parameters) on ``batch``, at the linearization point ``theta``.
+
+    Under ``torchrun`` ``batch`` is this rank's rows of the micro-batch and the result (on every
+    rank) is that of the whole micro-batch: one ``all_reduce`` of the gradient and the losses.
+    ``num_tokens``: the micro-batch's non-ignored target tokens over all ranks, if known
+    (:func:`token_counts`); else counted here (one more collective)."""
     if mode not in MODES:
         raise CurvlabError(f"unknown GN mode {mode!r}; expected one of {MODES}")
     names = list(delta)
     targets = batch.targets.reshape(-1)
-    n = int((targets != ignore_index).sum())
+    n = token_counts([batch], ignore_index)[0] if num_tokens is None else int(num_tokens)
     if n == 0:
         raise CurvlabError("micro-batch has no target tokens that are not ignored")
     scale = 1.0 / n
@@ -118,11 +136,15 @@ def inner_gradient(
     primals = {k: theta[k] for k in names}
     with torch.enable_grad(), math_attention():
         _, _, grad = linearized_vjp(fn, primals, delta, cotangent)
-    model_loss = values["model"]
-    if damping:
+    losses = torch.stack([values["loss"].detach(), values["model"].detach()])
+    if distributed.active():  # sums over the ranks' rows: one collective per inner gradient
+        grad = {k: g.contiguous() for k, g in grad.items()}
+        distributed.all_reduce_([*grad.values(), losses])
+    loss, model_loss = losses[0], losses[1]
+    if damping:  # the damping term is replicated, added after the reduction
         grad = {k: g + damping * delta[k] for k, g in grad.items()}
         model_loss = model_loss + 0.5 * damping * sum((d * d).sum() for d in delta.values())
-    return InnerGradient(grad, float(values["loss"]), float(model_loss))
+    return InnerGradient(grad, float(loss), float(model_loss))
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,7 +174,12 @@ def solve_direction(
     ``batches`` on the inner gradient (clipped to global norm ``clip`` over the block if > 0),
     learning rate ``lr(k)`` at inner step ``k``. One block holding all parameters is full GN;
     the layer partition is layerwise GN (every block from the same θ_t, solutions merged).
+
+    Under ``torchrun`` ``batches`` are this rank's rows of the micro-batches; every inner
+    gradient is all-reduced (:func:`inner_gradient`), so ``point`` and the optimizer stay the
+    same on every rank and the result is the single-process one on the whole micro-batches.
     """
+    counts = token_counts(batches, ignore_index)
     losses, decreases = [], []
     for b, block in enumerate(blocks):
         params = [point[k] for k in block]
@@ -162,7 +189,7 @@ def solve_direction(
                     group["lr"] = lr(k)
             delta = {name: point[name] - theta[name] for name in block}
             r = inner_gradient(model, theta, delta, batch, mode=mode, damping=damping,
-                               ignore_index=ignore_index)
+                               ignore_index=ignore_index, num_tokens=counts[k])
             if b == 0:
                 losses.append(r.loss)
             for name, p in zip(block, params):

@@ -9,6 +9,15 @@ saving.
 
 Output folder: ``step_NNNNNN.pt`` every ``checkpoint_every`` steps, ``final.pt`` at the end,
 ``metrics.jsonl`` (one JSON object per outer step; step 0 is the evaluation of the start).
+
+Data parallelism (``torchrun``, :mod:`curvlab.distributed`): every micro-batch (training, GN
+inner, line search, evaluation) is split by rows across the processes (:meth:`Batch.shard`) and
+every loss is a token sum over all ranks divided by the token count of all ranks, so a run on
+``W`` processes equals the single-process run to float tolerance. Baselines run the
+forward/backward through ``DistributedDataParallel`` (gradients all-reduced once per step); GN
+methods all-reduce every inner gradient (:func:`curvlab.train.gn.inner_gradient`). The model, the
+optimizer states and every decision are therefore identical on all ranks; only rank 0 writes
+(``--out``, the progress bar).
 """
 
 from __future__ import annotations
@@ -19,21 +28,24 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from curvlab import distributed
 from curvlab.checkpoint import load_checkpoint, save_checkpoint
 from curvlab.curvature.blocks import layer_partition
 from curvlab.curvature.model_fn import default_logits_fn
 from curvlab.data.batches import Batch, BatchStream, DataSpec
-from curvlab.errors import CheckpointError, ConfigError
-from curvlab.models import ModelConfig, build_model, lm_loss, preset
+from curvlab.errors import CheckpointError, ConfigError, CurvlabError
+from curvlab.models import ModelConfig, build_model, preset
 from curvlab.train.config import TrainConfig, TrainingDivergedError
-from curvlab.train.gn import solve_direction
+from curvlab.train.gn import solve_direction, token_counts
 from curvlab.train.line_search import line_search
 from curvlab.train.optimizers import build_optimizer, set_lr
 from curvlab.train.schedules import lr_factor
@@ -71,17 +83,31 @@ def hidden_matrices(model: nn.Module) -> list[str]:
             for name in block.params if model.get_parameter(name).ndim == 2]
 
 
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+            ) -> torch.Tensor:
+    """Sum of the token cross-entropies over the targets that are not ``ignore_index``."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                       ignore_index=ignore_index, reduction="sum")
+
+
 def mean_loss(model: nn.Module, params: Mapping[str, torch.Tensor] | None,
               batches: Sequence[Batch]) -> float:
     """Mean over ``batches`` of the mean token cross-entropy at ``params`` (the model's own
-    parameters if None); no gradients."""
-    total = 0.0
+    parameters if None); no gradients.
+
+    Under ``torchrun`` the batches are this rank's rows of each batch: token sums and counts
+    are summed over ranks (one collective), so every rank gets the loss of the whole batches.
+    """
+    sums, counts = [], []
     with torch.no_grad():
         for b in batches:
             logits = model(b.inputs) if params is None else default_logits_fn(model, params,
                                                                                 b.inputs)
-            total += float(lm_loss(logits, b.targets))
-    return total / len(batches)
+            sums.append(float(_ce_sum(logits, b.targets)))
+            counts.append(int((b.targets != -100).sum()))
+    totals = distributed.sum_scalars(*sums, *counts)
+    m = len(batches)
+    return sum(s / c if c else math.nan for s, c in zip(totals[:m], totals[m:])) / m
 
 
 class _Baseline:
@@ -97,23 +123,40 @@ class _Baseline:
             precondition_frequency=cfg.precondition_frequency,
             max_precond_dim=cfg.max_precond_dim)
         self.batches_per_step = cfg.grad_accum
+        # under torchrun the forward/backward runs through DDP (gradients all-reduced at the
+        # last micro-batch of a step); the optimizer steps the unwrapped model's parameters
+        self.net: nn.Module = model
+        if distributed.active():
+            device = next(model.parameters()).device
+            self.net = DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None,
+                broadcast_buffers=False)
 
     def step(self, t: int) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, K = self.cfg, self.cfg.grad_accum
         lr = cfg.lr * lr_factor(cfg.schedule, t, cfg.max_steps, warmup=cfg.warmup_steps,
                                 final=cfg.final_lr_frac)
         set_lr(self.opt, lr)
         self.opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for k in range(cfg.grad_accum):
-            b = self.batch(t * cfg.grad_accum + k)
-            loss = lm_loss(self.model(b.inputs), b.targets)
-            (loss / cfg.grad_accum).backward()
-            total += float(loss.detach())
+        batches = [self.batch(t * K + k) for k in range(K)]  # this rank's rows
+        counts = token_counts(batches)  # tokens of the whole micro-batches (all ranks)
+        if not all(counts):
+            raise CurvlabError("a micro-batch has no target tokens that are not ignored")
+        # DDP averages the ranks' gradients: W·(this rank's token sum)/N averages to the
+        # gradient of the micro-batch's mean cross-entropy (W = 1: the plain mean)
+        world = distributed.world_size()
+        sums = []
+        for k, (b, n) in enumerate(zip(batches, counts)):
+            sync = k == K - 1 or self.net is self.model
+            with nullcontext() if sync else self.net.no_sync():
+                ce = _ce_sum(self.net(b.inputs), b.targets)
+                (ce / n * world / K).backward()
+            sums.append(float(ce.detach()))
+        totals = distributed.sum_scalars(*sums)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=False)
         self.opt.step()
-        return {"train_loss": total / cfg.grad_accum, "lr": lr}
+        return {"train_loss": sum(s / n for s, n in zip(totals, counts)) / K, "lr": lr}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.opt.state_dict()}
@@ -198,17 +241,69 @@ def _load_exact(path: str | Path, device: str, dtype: torch.dtype
     return model.to(device), info, raw
 
 
-def _initial_model(cfg: TrainConfig, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
+def _initial_model(cfg: TrainConfig, dtype: torch.dtype, device: str
+                   ) -> tuple[nn.Module, dict[str, Any]]:
     if cfg.init is None:
         model = build_model(preset(cfg.preset or "tiny"), seed=cfg.seed)
-        return model.to(device=cfg.device, dtype=dtype), {}
-    model, info, _ = _load_exact(cfg.init, cfg.device, dtype)
+        return model.to(device=device, dtype=dtype), {}
+    model, info, _ = _load_exact(cfg.init, device, dtype)
     if cfg.preset is not None:
         diff = _mismatch(preset(cfg.preset), model.config)
         if diff:
             raise ConfigError(f"--init {cfg.init} holds another model than --preset "
                               f"{cfg.preset} ({'; '.join(diff[:4])})")
     return model, info.data
+
+
+def _device(requested: str) -> str:
+    """The device of this process: under ``torchrun`` with CUDA (NCCL) ``cuda:LOCAL_RANK``
+    unless a device index is given; ``cuda`` becomes ``cuda:LOCAL_RANK`` under any backend."""
+    if not distributed.active():
+        return requested
+    if requested == "cuda" or (requested == "cpu" and torch.distributed.get_backend() == "nccl"):
+        return distributed.default_device()
+    return requested
+
+
+def _on_every_rank(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; if it raises on any rank, every rank raises (none is left
+    waiting in a collective). One collective under ``torchrun``, none otherwise."""
+    if not distributed.active():
+        return fn()
+    try:
+        result, error = fn(), None
+    except Exception as e:  # re-raised below, after telling the other ranks
+        result, error = None, e
+    failed = distributed.sum_scalars(float(error is not None))[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise CurvlabError(f"{int(failed)} other process(es) failed (their error is in their "
+                           "output; rank 0's is shown)")
+    return result
+
+
+def _on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only (file reads and writes); its result, or its error, on every
+    rank."""
+    if not distributed.active():
+        return fn()
+    result = error = None
+    if distributed.is_main():
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after telling the other ranks
+            error = e
+    shared = error if isinstance(error, CurvlabError) else (
+        None if error is None else f"{type(error).__name__}: {error}")
+    result, shared = distributed.broadcast_object((result, shared))
+    if error is not None:
+        raise error
+    if isinstance(shared, CurvlabError):
+        raise shared
+    if shared is not None:
+        raise CurvlabError(f"rank 0 failed: {shared}")
+    return result
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -226,6 +321,26 @@ def _latest(found: list[Path]) -> Path:
         if best is None or final_step >= int(best.stem[5:]):
             best = final
     return best
+
+
+def _resume_point(out: Path, resume: bool) -> str | None:
+    """The checkpoint to resume from (None: start afresh); refuses to overwrite a run."""
+    found = _checkpoints(out)
+    if found and not resume:
+        raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue "
+                          "or choose another --out")
+    return str(_latest(found)) if found else None
+
+
+def _resumed_history(metrics_path: Path, step: int) -> list[dict[str, Any]]:
+    """The metrics rows up to ``step``; rows written after the checkpoint are dropped from the
+    file."""
+    if not metrics_path.exists():
+        return []
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    history = [r for r in rows if r["step"] <= step]
+    _write_jsonl(metrics_path, history)
+    return history
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -258,24 +373,44 @@ def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult
     Raises :class:`~curvlab.errors.CurvlabError` subclasses for bad input,
     :class:`TrainingDivergedError` when the loss or the parameters become NaN/Inf (no
     checkpoint of the diverged state is written).
+
+    Under ``torchrun`` (joins the process group if the caller has not, see
+    :func:`curvlab.distributed.init`) every process must be given the same ``config``
+    (checked; ``device`` may differ); each one computes on its rows of every micro-batch, the
+    result equals a single-process run, only rank 0 writes ``out`` and shows the bar, and a
+    progress callable is called on every rank.
     """
     cfg = config
+    distributed.init()
+    if distributed.active():
+        distributed.check_same("training configuration",
+                               {k: v for k, v in cfg.to_dict().items() if k != "device"})
+        distributed.shard_rows(cfg.micro_batch_size)  # a micro-batch too small to split
+    main = distributed.is_main()
     dtype = DTYPES[cfg.dtype]
-    model, init_data = _initial_model(cfg, dtype)
+    device = _device(cfg.device)
+
+    def setup() -> tuple[nn.Module, DataSpec, BatchStream, list[Batch]]:
+        model, init_data = _initial_model(cfg, dtype, device)
+        mcfg: ModelConfig = model.config
+        seq_len = cfg.seq_len or min(mcfg.seq_len, init_data.get("seq_len", mcfg.seq_len))
+        if seq_len > mcfg.seq_len and mcfg.family == "gpt":
+            raise ConfigError(f"--seq-len {seq_len} exceeds the model's {mcfg.seq_len} positions")
+        spec = DataSpec(source=cfg.data, seq_len=seq_len, batch_size=cfg.micro_batch_size,
+                        seed=cfg.seed, windows=cfg.windows)
+        stream = BatchStream(spec)
+        stream.check_vocab(mcfg.vocab_size)
+        val_stream = BatchStream(spec, corpus=stream.corpus, split="val")
+        val = [val_stream.batch(i).shard().to(device) for i in range(cfg.eval_batches)]
+        return model, spec, stream, val
+
+    # every rank reads the model and the data itself (a shared filesystem is assumed)
+    model, spec, stream, val = _on_every_rank(setup)
     model.train()
-    mcfg: ModelConfig = model.config
-    seq_len = cfg.seq_len or min(mcfg.seq_len, init_data.get("seq_len", mcfg.seq_len))
-    if seq_len > mcfg.seq_len and mcfg.family == "gpt":
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's {mcfg.seq_len} positions")
-    spec = DataSpec(source=cfg.data, seq_len=seq_len, batch_size=cfg.micro_batch_size,
-                    seed=cfg.seed, windows=cfg.windows)
-    stream = BatchStream(spec)
-    stream.check_vocab(mcfg.vocab_size)
-    val_stream = BatchStream(spec, corpus=stream.corpus, split="val")
-    val = [val_stream.batch(i).to(cfg.device) for i in range(cfg.eval_batches)]
+    seq_len = spec.seq_len
 
     def batch(i: int) -> Batch:
-        return stream.batch(i).to(cfg.device)
+        return stream.batch(i).shard().to(device)  # this rank's rows of micro-batch i
 
     method = (_GaussNewton if cfg.is_gn else _Baseline)(model, cfg, batch)
     tokens_per_step = method.batches_per_step * cfg.micro_batch_size * seq_len
@@ -286,62 +421,65 @@ def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult
     metrics_path = out / "metrics.jsonl" if out is not None else None
 
     def snapshot(path: Path, row: dict[str, Any]) -> Path:
-        state = {"step": step, "tokens": tokens, "wall_time": wall, "method": method.state_dict(),
-                 "ema": ema}
-        return save_checkpoint(path, model, step=step,
-                        optimizer={"name": cfg.optimizer, "hparams": cfg.hparams()},
-                        data=spec.to_dict(),
-                        metrics={k: v for k, v in row.items() if isinstance(v, (int, float))},
-                        extra={"train_config": cfg.to_dict(), "trainer": _cpu(state)})
+        def write() -> Path:
+            state = {"step": step, "tokens": tokens, "wall_time": wall,
+                     "method": method.state_dict(), "ema": ema}
+            return save_checkpoint(
+                path, model, step=step, optimizer={"name": cfg.optimizer, "hparams": cfg.hparams()},
+                data=spec.to_dict(),
+                metrics={k: v for k, v in row.items() if isinstance(v, (int, float))},
+                extra={"train_config": cfg.to_dict(), "trainer": _cpu(state)})
+
+        # rank 0 writes; the others wait until the checkpoint is complete (a barrier that
+        # also passes on a write error)
+        return _on_main(write)
 
     if out is not None:
-        found = _checkpoints(out)
-        if found and not cfg.resume:
-            raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue "
-                              "or choose another --out")
-        if found:
-            latest = _latest(found)
-            loaded, _, raw = _load_exact(latest, cfg.device, dtype)
-            stored = raw.get("extra", {}).get("train_config")
-            if stored is None or "trainer" not in raw["extra"]:
-                raise CheckpointError(f"{latest}: no trainer state to resume from")
-            changed = cfg.changes_for_resume(stored)
-            if changed:
-                raise ConfigError(f"cannot resume {latest} with changed options: "
-                                  f"{', '.join(changed)}")
-            with torch.no_grad():
-                for (_, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
-                    p.copy_(q)
-            state = raw["extra"]["trainer"]
+        latest = _on_main(lambda: _resume_point(out, cfg.resume))
+        if latest is not None:
+            def load() -> dict[str, Any]:
+                loaded, _, raw = _load_exact(latest, device, dtype)
+                stored = raw.get("extra", {}).get("train_config")
+                if stored is None or "trainer" not in raw["extra"]:
+                    raise CheckpointError(f"{latest}: no trainer state to resume from")
+                changed = cfg.changes_for_resume(stored)
+                if changed:
+                    raise ConfigError(f"cannot resume {latest} with changed options: "
+                                      f"{', '.join(changed)}")
+                with torch.no_grad():
+                    for (_, p), (_, q) in zip(model.named_parameters(),
+                                              loaded.named_parameters()):
+                        p.copy_(q)
+                return raw["extra"]["trainer"]
+
+            state = _on_every_rank(load)  # every rank reads the checkpoint rank 0 wrote
             method.load_state_dict(state["method"])
             if ema is not None:
                 for k, v in ema.items():
                     v.copy_(state["ema"][k])
             step, tokens, wall = int(state["step"]), int(state["tokens"]), float(
                 state["wall_time"])
-            if metrics_path.exists():
-                rows = [json.loads(line) for line in metrics_path.read_text().splitlines()
-                        if line.strip()]
-                history = [r for r in rows if r["step"] <= step]
-                _write_jsonl(metrics_path, history)  # drop rows written after the checkpoint
-        out.mkdir(parents=True, exist_ok=True)
+            # drop rows written after the checkpoint
+            history = _on_main(lambda: _resumed_history(metrics_path, step))
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
 
     def evaluate() -> float:
         return mean_loss(model, ema, val)
 
     def record(row: dict[str, Any]) -> None:
         history.append(row)
-        if metrics_path is not None:
+        if metrics_path is not None and main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
     if not history:
-        if metrics_path is not None:
+        if metrics_path is not None and main:
             _write_jsonl(metrics_path, [])  # a run that never reached a checkpoint restarts
         record({"step": 0, "tokens": 0, "train_loss": None, "val_loss": evaluate(),
                 "wall_time": 0.0})
     bar = None
-    if progress is True:
+    if progress is True and main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.optimizer, file=sys.stderr,
@@ -357,6 +495,8 @@ def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult
         while step < cfg.max_steps and reached(history) is None:
             start = time.perf_counter()
             row = method.step(step)
+            # parameters are the same on every rank and the losses are global: every rank
+            # raises together
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise TrainingDivergedError(
                     f"parameters became NaN or Inf at step {step + 1} ({cfg.optimizer}, train "
@@ -384,7 +524,7 @@ def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult
                 bar.update(1)
                 bar.set_postfix(train=f"{row['train_loss']:.4f}",
                                 val=f"{val_loss:.4f}" if val_loss is not None else "-")
-            elif callable(progress):
+            if callable(progress):
                 progress(row)
     finally:
         if bar is not None:
