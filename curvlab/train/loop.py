@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -128,9 +129,13 @@ class _Baseline:
         self.net: nn.Module = model
         if distributed.active():
             device = next(model.parameters()).device
-            self.net = DistributedDataParallel(
-                model, device_ids=[device] if device.type == "cuda" else None,
-                broadcast_buffers=False)
+            with warnings.catch_warnings():
+                # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers (absent
+                # from older releases); the buffers (rotary tables) are constants, never synced
+                warnings.simplefilter("ignore", FutureWarning)
+                self.net = DistributedDataParallel(
+                    model, device_ids=[device] if device.type == "cuda" else None,
+                    broadcast_buffers=False)
 
     def step(self, t: int) -> dict[str, Any]:
         cfg, K = self.cfg, self.cfg.grad_accum
