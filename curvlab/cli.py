@@ -329,6 +329,17 @@ def data_provenance(spec, batches, split: str) -> dict[str, Any]:
     return d
 
 
+def _stored_norms(writer, kind: str, names) -> dict[tuple[str, str], float]:
+    """``||C_rc||_F²`` of the complete blocks of ``kind`` in an open results file."""
+    out = {}
+    for r in names:
+        for c in names:
+            t = writer.find(kind, r, c)
+            if t is not None and t.complete:
+                out[(r, c)] = t.squared_norm()
+    return out
+
+
 def _parse_list(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
@@ -373,7 +384,7 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
 
     from curvlab import store
     from curvlab.curvature.blocks import partition
-    from curvlab.curvature.coupling import coupling_map, coupling_products
+    from curvlab.curvature.coupling import coupling_map, coupling_products, known_columns
     from curvlab.curvature.extract import (
         check_limits,
         extract_blocks,
@@ -428,11 +439,16 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
                                     progress=bar.update)
         todo = distributed.broadcast_object(
             [k for k in names if coupling and not writer.has_coupling(k)] if main else None)
-        with tqdm(total=len(todo) * coupling_products(blocks.sizes), unit="col",
-                  desc="coupling", disable=None if todo else True) as bar:
+        # norms of the blocks just stored are exact already: no products for their columns
+        known = distributed.broadcast_object({k: _stored_norms(writer, k, blocks.names)
+                                              for k in todo} if main else None)
+        total = sum(coupling_products(blocks.sizes, skip=known_columns(blocks.names, known[k]))
+                    for k in todo)
+        with tqdm(total=total, unit="col", desc="coupling",
+                  disable=None if total else True) as bar:
             for k in todo:
                 cmap = coupling_map(ops[k], seed=spec.seed, chunk_cols=chunk_cols,
-                                    progress=bar.update)
+                                    progress=bar.update, known=known[k])
                 if main:
                     writer.write_coupling(k, cmap)
     finally:

@@ -17,7 +17,7 @@ import torch
 
 import curvlab
 from curvlab import store
-from curvlab.curvature.coupling import coupling_map, coupling_products
+from curvlab.curvature.coupling import coupling_map, coupling_products, known_columns
 from curvlab.curvature.extract import (
     LimitError,
     check_limits,
@@ -288,6 +288,36 @@ def test_coupling_map_against_dense(kind):
     other = coupling_map(op, exact_max=10, probes=48, seed=2, distribution="gaussian")
     assert not torch.equal(other.frobenius[est], mixed.frobenius[est])
     assert ((other.frobenius[est] - F[est]).abs() / other.stderr[est] < 4).all()
+
+
+def test_coupling_map_takes_known_block_norms_instead_of_products():
+    _, _, part, ops = problem(kinds=("ggn",))
+    op = ops["ggn"]
+    dense = op.to_dense()
+    F2 = _dense_frobenius(dense, part) ** 2
+    names = part.names
+    # the upper triangle only (what `extract --pairs all` stores): symmetry supplies the rest
+    upper = {(r, c): float(F2[i, j]) for i, r in enumerate(names) for j, c in enumerate(names)
+             if i <= j}
+    seen = []
+    m = coupling_map(op, exact_max=10**6, known=upper, progress=seen.append)
+    assert sum(seen) == 0 and m.exact.all()
+    assert torch.allclose(m.frobenius, F2.sqrt(), rtol=1e-12, atol=0)
+    # one column known: its products are skipped, every other entry is computed as before
+    first = {(r, names[0]): float(F2[i, 0]) for i, r in enumerate(names)}
+    assert known_columns(names, first) == {0}
+    assert known_columns(names, {(names[0], names[0]): 1.0}) == set()
+    seen = []
+    mixed = coupling_map(op, exact_max=10, probes=48, seed=1, known=first, progress=seen.append)
+    plain = coupling_map(op, exact_max=10, probes=48, seed=1)
+    assert sum(seen) == coupling_products(part.sizes, 10, 48, skip={0}) < coupling_products(
+        part.sizes, 10, 48)
+    assert torch.allclose(mixed.frobenius[:, 0], F2[:, 0].sqrt(), rtol=1e-12, atol=0)
+    assert mixed.exact[:, 0].all() and mixed.exact[0, :].all()
+    # the probes of the other blocks are the same draws as without `known`
+    rest = ~(mixed.exact | plain.exact)
+    assert rest.any()
+    assert torch.equal(mixed.frobenius[rest], plain.frobenius[rest])
 
 
 def test_coupling_map_rejects_bad_options():

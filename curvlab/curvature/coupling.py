@@ -17,6 +17,7 @@ averaged (``m = (m_rc + m_cr)/2``, ``se² = (se_rc² + se_cr²)/4``), and the ma
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,33 @@ def _probes(n: int, s: int, distribution: str, generator: torch.Generator) -> to
     return torch.randn(n, s, generator=generator, dtype=torch.float64)
 
 
-def coupling_products(sizes: list[int], exact_max: int = 256, probes: int = 64) -> int:
-    """Number of column products :func:`coupling_map` runs for blocks of ``sizes``."""
-    return sum(n if n <= exact_max else probes for n in sizes)
+def coupling_products(sizes: list[int], exact_max: int = 256, probes: int = 64,
+                      skip: Collection[int] = ()) -> int:
+    """Number of column products :func:`coupling_map` runs for blocks of ``sizes`` (``skip``:
+    column blocks whose norms are all known, see :func:`known_columns`)."""
+    return sum(n if n <= exact_max else probes for c, n in enumerate(sizes) if c not in skip)
+
+
+def _known_column(names: Sequence[str], c: int, known: Mapping[tuple[str, str], float],
+                  symmetric: bool) -> list[float] | None:
+    out = []
+    for r in names:
+        value = known.get((r, names[c]))
+        if value is None and symmetric:
+            value = known.get((names[c], r))
+        if value is None:
+            return None
+        out.append(float(value))
+    return out
+
+
+def known_columns(names: Sequence[str], known: Mapping[tuple[str, str], float] | None,
+                  symmetric: bool = True) -> set[int]:
+    """Column blocks c whose ``||C_rc||_F²`` are all in ``known`` (for a symmetric operator
+    ``(c, r)`` counts too): :func:`coupling_map` needs no product for them."""
+    if not known:
+        return set()
+    return {c for c in range(len(names)) if _known_column(names, c, known, symmetric) is not None}
 
 
 def coupling_map(
@@ -72,12 +97,15 @@ def coupling_map(
     product_chunk: int | None = 32,
     symmetric: bool = True,
     progress: Progress | None = None,
+    known: Mapping[tuple[str, str], float] | None = None,
 ) -> CouplingMap:
     """The coupling map of ``op`` over ``op.partition`` (see the module docstring).
 
     Costs ``Σ_c (n_c if n_c <= exact_max else probes)`` column products. ``seed`` fixes the
     probes (drawn in float64 on the CPU, column block after column block). ``symmetric``
-    uses ``F_rc = F_cr``; set it False for a non-symmetric operator.
+    uses ``F_rc = F_cr``; set it False for a non-symmetric operator. ``known``: exact
+    ``||C_rc||_F²`` by (row, col) name, e.g. of dense blocks already extracted; a column block
+    whose norms are all known costs no product (the probes of the others are unchanged).
     """
     if distribution not in DISTRIBUTIONS:
         raise ConfigError(f"unknown probe distribution {distribution!r}; expected "
@@ -92,6 +120,13 @@ def coupling_map(
     exact = torch.zeros(b, b, dtype=torch.bool)
     generator = torch.Generator().manual_seed(seed)
     for c, name in enumerate(names):
+        stored = _known_column(names, c, known, symmetric) if known else None
+        if stored is not None:
+            est[:, c] = torch.tensor(stored, dtype=torch.float64)
+            exact[:, c] = True
+            if not small[c]:  # keep the probe stream of the later blocks unchanged
+                _probes(sizes[c], probes, distribution, generator)
+            continue
         if small[c]:
             sub = sub_operator(op, names, [name])
             for a in range(0, sizes[c], chunk_cols):

@@ -107,6 +107,13 @@ class BlockTarget:
         """The column range ``[start, stop)`` of chunk ``j``."""
         return j * self.chunk_cols, min(self.shape[1], (j + 1) * self.chunk_cols)
 
+    def squared_norm(self) -> float:
+        """``||block||_F²`` (float64) of a complete block, read chunk by chunk."""
+        if not self.complete:
+            raise ValueError(f"{self.kind}[{self.row}, {self.col}] is not complete")
+        return float(sum(np.square(self._ds[:, slice(*self.columns(j))], dtype=np.float64).sum()
+                         for j in range(self.n_chunks)))
+
     def write(self, j: int, values: Any) -> None:
         """Write chunk ``j`` ([n_row, stop - start], a numpy array or torch tensor), flush, mark
         it done, flush."""
