@@ -254,7 +254,7 @@ def _figures(path: str):
     res = store.read(path)
     context = _context(res.attrs)
     with h5py.File(path, "r", locking=False) as f:
-        spectra = read_spectra(f)
+        spectra, has_compare = read_spectra(f), "compare" in f
     for kind, targets in spectra.items():
         dens = {t: (e["density"]["grid"], e["density"]["values"])
                 for t, e in targets.items() if "density" in e}
@@ -271,8 +271,6 @@ def _figures(path: str):
         elif "full" in targets and "eigenvalues" in targets["full"]:
             yield f"top_eigenvalues_{kind}", figure_top_eigenvalues(
                 {"full": targets["full"]["eigenvalues"]}, kind=kind, context=context)
-    with h5py.File(path, "r", locking=False) as f:
-        has_compare = "compare" in f
     if has_compare:
         from curvlab.compare import compare_figures, read_compare
 
@@ -298,13 +296,20 @@ def render_spectra(path: str, plot_path: str) -> list[str]:
     """The main spectrum figure of ``path`` (density if stored, else top eigenvalues)."""
     import os
 
-    figures = dict(_figures(path))
-    order = [s for s in figures if s.startswith("density")] + \
-        [s for s in figures if s.startswith("top_eigenvalues")]
-    for stem in figures:
-        if stem not in order[:1]:
-            plt.close(figures[stem])
-    if not order:
+    chosen = fallback = None
+    for name, fig in _figures(path):  # drawn one at a time; stop at the first density
+        if chosen is None and name.startswith("density"):
+            chosen = (name, fig)
+        elif fallback is None and chosen is None and name.startswith("top_eigenvalues"):
+            fallback = (name, fig)
+        else:
+            plt.close(fig)
+        if chosen is not None:
+            break
+    if chosen is None and fallback is None:
         return []
+    if chosen is not None and fallback is not None:
+        plt.close(fallback[1])
+    fig = (chosen or fallback)[1]
     stem, ext = os.path.splitext(plot_path)
-    return save(figures[order[0]], stem, [ext.lstrip(".") or "png"])
+    return save(fig, stem, [ext.lstrip(".") or "png"])

@@ -75,6 +75,8 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
+        """Target positions ``B·T`` of this batch (ignored targets included; the losses count
+        the non-ignored ones)."""
         return self.targets.numel()
 
     @property
