@@ -325,7 +325,8 @@ def data_provenance(spec, batches, split: str) -> dict[str, Any]:
     d = spec.to_dict()
     d.update(batches=len(batches), split=split,
              tokens=int(sum(b.token_range[1] for b in batches)),  # whole batches (all ranks)
-             tokenizer=curvlab.data.source_tokenizer(spec.source))
+             tokenizer=curvlab.data.source_tokenizer(spec.source),
+             corpus_sha256=curvlab.data.load_corpus(spec.source, spec.val_fraction).sha256)
     return d
 
 

@@ -366,6 +366,9 @@ def test_cli_extract_resume_and_errors(tmp_path, capsys, extract_cli):
     assert r.kinds == ["ggn", "mcfisher"] and r.coupling_kinds == ["ggn", "mcfisher"]
     assert all(s.complete for s in r.status()) and len(r.status()) == 6
     assert r.attrs["data"]["tokens"] == 16 and r.attrs["data"]["batches"] == 1
+    data = r.attrs["data"]
+    assert data["corpus_sha256"] == curvlab.data.load_corpus(data["source"],
+                                                             data["val_fraction"]).sha256
     assert r.attrs["checkpoint_sha256"] == store.sha256_file(ckpt)
     model, _ = curvlab.load_checkpoint(ckpt, dtype=torch.float64)
     batches = curvlab.data.analysis_batches(spec, 1)
