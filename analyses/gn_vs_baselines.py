@@ -14,16 +14,23 @@
 
 Settings: the default (CPU) uses the ``tiny`` preset and finishes in about 10-25 minutes on 2
 cores; ``--quick`` is a smoke test (a few minutes); ``--gpu`` runs the ``45m`` preset on CUDA.
+
+Several GPUs: ``torchrun --standalone --nproc-per-node 4 analyses/gn_vs_baselines.py --gpu``
+runs every training run data-parallel (same numbers as one process, see docs/distributed.md);
+rank 0 prints and writes the table and plots.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from curvlab import distributed
 from curvlab.train import TrainConfig, TrainingDivergedError, train
 
 
@@ -58,7 +65,7 @@ def run(s: Settings, out: Path) -> list[dict]:
     common = dict(preset=s.preset, seq_len=s.seq_len, micro_batch_size=s.micro_batch_size,
                   device=s.device, eval_every=s.eval_every, eval_batches=s.eval_batches)
     warm = out / "warmup" / "final.pt"
-    if not warm.exists():
+    if not distributed.broadcast_object(warm.exists()):  # the same decision on every rank
         t = time.perf_counter()
         r = train(TrainConfig(optimizer="adamw", lr=s.warmup_lr, max_steps=s.warmup_steps,
                               out=str(out / "warmup"), **common))
@@ -175,17 +182,25 @@ def main() -> None:
     if args.target_loss is not None:
         s.target_loss = args.target_loss
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):
-        old.unlink()
+    distributed.init()  # under torchrun: every training run is data-parallel
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # rank 0 reports
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("*.png"):
+            old.unlink()
     t = time.perf_counter()
     if args.report_only:
         results = json.loads((out / "summary.json").read_text())["runs"]
     else:
         results = run(s, out)
+    if not distributed.is_main():
+        distributed.shutdown()
+        return
     print(report(s, results, out))
     print(f"total {time.perf_counter() - t:.0f} s; wrote {out}/table.md, summary.json, "
           f"loss_vs_step.png, loss_vs_tokens.png")
+    distributed.shutdown()
 
 
 if __name__ == "__main__":
