@@ -253,7 +253,8 @@ def load_analysis_inputs(checkpoint: str, data_source, batch_size, seq_len, num_
     import torch
 
     torch_dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[dtype]
-    model, info = curvlab.load_model(checkpoint, device=device or "cpu", dtype=torch_dtype)
+    device = distributed.local_device(device or "cpu")  # torchrun + NCCL: this rank's GPU
+    model, info = curvlab.load_model(checkpoint, device=device, dtype=torch_dtype)
     base = dict(info.data)
     base.setdefault("seq_len", min(info.seq_len, 64))
     spec = curvlab.data.analysis_spec(base, source=data_source, batch_size=batch_size,
@@ -396,6 +397,7 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
     )
     from curvlab.curvature.operators import CURVATURES, curvature_operator, default_partition
 
+    device = distributed.local_device(device)  # torchrun + NCCL: this rank's GPU
     names = list(dict.fromkeys(k.strip() for k in kinds.split(",") if k.strip()))
     bad = [k for k in names if k not in CURVATURES]
     if bad or not names:
@@ -523,6 +525,7 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
     from curvlab.store.spectrum import write_target_spectrum
 
     main = distributed.is_main()
+    device = distributed.local_device(device)  # torchrun + NCCL: this rank's GPU
     if str(source).endswith((".h5", ".hdf5")):
         if not main:  # stored blocks: nothing to share, rank 0 does it alone
             return
@@ -665,6 +668,7 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
     if val_batches < 1:
         raise curvlab.errors.ConfigError("--val-batches must be >= 1")
     main = distributed.is_main()  # under torchrun only rank 0 prints and writes
+    device = distributed.local_device(device)  # torchrun + NCCL: this rank's GPU
     out_path = store.check_output(out, overwrite) if out and main else None
     # the first checkpoint's data options define the batches of every checkpoint
     model, info, spec, batches = load_analysis_inputs(
@@ -769,7 +773,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def fail(message: str, code: int) -> None:
         print(f"error{where}: {message}", file=err, flush=True)
-        distributed.shutdown()
+        distributed.shutdown(wait=False)  # another rank may be gone: no barrier
         sys.exit(code)
 
     try:

@@ -22,6 +22,7 @@ a hang. Outside ``torchrun`` every function here is a no-op on one process.
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import json
 import os
@@ -71,9 +72,10 @@ def timeout_seconds() -> float:
 def init(timeout: float | None = None, backend: str | None = None) -> bool:
     """Join the ``torchrun`` process group (idempotent). Returns whether it runs distributed.
 
-    ``backend``: ``CURVLAB_DIST_BACKEND`` if set, else ``nccl`` when CUDA is available, else
-    ``gloo``. With NCCL the current device is set to ``cuda:LOCAL_RANK`` (one GPU per process;
-    gloo lets several processes share a GPU, e.g. to test on a one-GPU machine).
+    ``backend``: ``CURVLAB_DIST_BACKEND`` if set, else ``cpu:gloo,cuda:nccl`` when CUDA is
+    available (CPU tensors over gloo, CUDA tensors over NCCL: ``--device cpu`` keeps working on a
+    GPU machine), else ``gloo``. With NCCL the current device is set to ``cuda:LOCAL_RANK`` (one
+    GPU per process; gloo alone lets several processes share a GPU).
     """
     if not launched():
         return False
@@ -83,24 +85,48 @@ def init(timeout: float | None = None, backend: str | None = None) -> bool:
         raise ConfigError("this PyTorch build has no torch.distributed")
     seconds = timeout_seconds() if timeout is None else timeout
     backend = backend or os.environ.get("CURVLAB_DIST_BACKEND") or (
-        "nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
+        "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    if "nccl" in backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     return True
 
 
-def shutdown() -> None:
-    """Leave the process group (if any)."""
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group (if any). ``wait``: first a barrier, so that no rank tears its
+    connections down while another still uses them; pass False on an error path, where another
+    rank may be gone."""
     if dist.is_available() and dist.is_initialized():
+        # objects in reference cycles that hold the group (a DDP wrapper) must go first: if
+        # they outlive destroy_process_group, the group's destructor runs at interpreter exit
+        # and can abort the process ("terminate called without an active exception")
+        gc.collect()
+        if wait and dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except Exception:  # noqa: BLE001 - leaving anyway
+                pass
         dist.destroy_process_group()
 
 
+def _nccl() -> bool:
+    return active() and "nccl" in str(dist.get_backend())
+
+
 def default_device() -> str:
-    """``cuda:LOCAL_RANK`` under a distributed CUDA run, else ``cuda`` or ``cpu``."""
+    """``cuda:LOCAL_RANK`` under a distributed run with NCCL, else ``cuda`` or ``cpu``."""
     if torch.cuda.is_available():
-        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if active() else "cuda"
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if _nccl() else "cuda"
     return "cpu"
+
+
+def local_device(requested: str) -> str:
+    """The device this process uses when ``requested`` was asked for on every rank: under
+    ``torchrun`` with NCCL any CUDA device means this process's GPU, ``cuda:LOCAL_RANK`` (NCCL
+    needs one GPU per process); otherwise ``requested`` itself."""
+    if _nccl() and str(requested).startswith("cuda"):
+        return default_device()
+    return requested
 
 
 def all_reduce_(tensors: Sequence[torch.Tensor]) -> None:
@@ -131,6 +157,7 @@ def sum_scalars(*values: float) -> tuple[float, ...]:
     """Python numbers summed over ranks (float64, one collective)."""
     if not active():
         return tuple(float(v) for v in values)
+    # CPU tensors go over gloo (alone or beside NCCL); NCCL alone needs a CUDA tensor
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)

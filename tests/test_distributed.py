@@ -257,3 +257,13 @@ def test_torchrun_compare_equals_one_process(tmp_path, capsys):
     assert two.keys() == one.keys() and len(one) > 5
     for key in one:
         assert np.allclose(two[key], one[key], rtol=1e-6, atol=1e-12, equal_nan=True), key
+
+
+def test_local_device_under_nccl_is_the_rank_gpu(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.local_device("cuda:0") == "cuda:0"  # no process group: as asked
+    monkeypatch.setattr(distributed, "_nccl", lambda: True)
+    assert distributed.local_device("cuda:0") == "cuda:3"
+    assert distributed.local_device("cuda") == "cuda:3"
+    assert distributed.local_device("cpu") == "cpu"  # CPU tensors go over gloo

@@ -260,16 +260,6 @@ def _initial_model(cfg: TrainConfig, dtype: torch.dtype, device: str
     return model, info.data
 
 
-def _device(requested: str) -> str:
-    """The device of this process: under ``torchrun`` with CUDA (NCCL) ``cuda:LOCAL_RANK``
-    unless a device index is given; ``cuda`` becomes ``cuda:LOCAL_RANK`` under any backend."""
-    if not distributed.active():
-        return requested
-    if requested == "cuda" or (requested == "cpu" and torch.distributed.get_backend() == "nccl"):
-        return distributed.default_device()
-    return requested
-
-
 def _on_every_rank(fn: Callable[[], Any]) -> Any:
     """``fn()`` on every rank; if it raises on any rank, every rank raises (none is left
     waiting in a collective). One collective under ``torchrun``, none otherwise."""
@@ -393,7 +383,7 @@ def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult
         distributed.shard_rows(cfg.micro_batch_size)  # a micro-batch too small to split
     main = distributed.is_main()
     dtype = DTYPES[cfg.dtype]
-    device = _device(cfg.device)
+    device = distributed.local_device(cfg.device)
 
     def setup() -> tuple[nn.Module, DataSpec, BatchStream, list[Batch]]:
         model, init_data = _initial_model(cfg, dtype, device)
