@@ -96,6 +96,9 @@ def _ranks(rank: int, init: str, root: str) -> dict:
     except _Interrupt:
         pass
     results["resumed"] = _summary(train(cfg.replace(resume=True)))
+    # a run interrupted on ONE process (see the fixture), resumed on two
+    cross = _resume_config(init, f"{root}/cross").replace(resume=True)
+    results["cross"] = _summary(train(cross))
     errors = {}
     for name, bad in [("mismatch", _config(init, lr=1e-3 if rank == 1 else 3e-3)),
                       ("too small", _config(init, micro_batch_size=1)),
@@ -121,6 +124,10 @@ def runs(tmp_path_factory, init_ckpt):
     """(every scenario on 2 processes, rank 0 first; the same on 1 process; the out folder)."""
     root = tmp_path_factory.mktemp("dist")
     results = tmp_path_factory.mktemp("results")
+    try:  # interrupted on one process after step 2; the 2 processes resume it
+        train(_resume_config(init_ckpt, str(root / "cross")), progress=_stop_at_2)
+    except _Interrupt:
+        pass
     two = spawn(_ranks, init_ckpt, str(root), tmp_path=results, timeout=60)
     single_root = tmp_path_factory.mktemp("single")
     one = {name: _summary(train(cfg)) for name, cfg in _configs(init_ckpt,
@@ -213,6 +220,14 @@ def test_resume_on_two_processes_equals_an_uninterrupted_run(runs):
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert sorted(p.name for p in (root / "resume").iterdir()) == [
         "final.pt", "metrics.jsonl", "step_000001.pt", "step_000002.pt", "step_000003.pt"]
+
+
+def test_a_run_interrupted_on_one_process_resumes_on_two(runs):
+    two, one, root = runs
+    for r in two:
+        _assert_close_runs(r["results"]["cross"], one["resumed"])
+    rows = [json.loads(line) for line in open(root / "cross" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
 
 
 def test_configuration_errors_are_raised_on_every_rank(runs):
