@@ -207,10 +207,8 @@ def train(optimizer, preset_name, init_path, data_source, seq_len, micro_batch_s
     # under torchrun every process trains on its rows of each micro-batch; rank 0 writes
     result = run_training(config, progress=progress)
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
-    world = distributed.world_size()
     click.echo(f"{config.optimizer}: {result.step} steps, {result.tokens:,} tokens, "
-               f"val loss {val}, {result.wall_time:.1f} s"
-               + (f" ({world} processes)" if world > 1 else ""))
+               f"val loss {val}, {result.wall_time:.1f} s{_processes()}")
     if config.target_loss is not None:
         if result.steps_to_target is None:
             click.echo(f"target {config.target_loss} not reached")
@@ -342,6 +340,12 @@ def _stored_norms(writer, kind: str, names) -> dict[tuple[str, str], float]:
     return out
 
 
+def _processes() -> str:
+    """`` (W processes)`` under torchrun, else nothing."""
+    w = distributed.world_size()
+    return f" ({w} processes)" if w > 1 else ""
+
+
 def _parse_list(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
@@ -471,7 +475,7 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
                    f"{sum(s.chunks_done for s in rows):>6}/{sum(s.chunks for s in rows):<6} "
                    f"{format_bytes(size):>10}  {energy}")
     click.echo(f"wrote {out} ({result.products:,} column products in {result.seconds:.1f} s, "
-               f"{result.chunks_skipped:,} chunks already done)")
+               f"{result.chunks_skipped:,} chunks already done){_processes()}")
 
 
 @cli.command()
@@ -599,7 +603,7 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
         last = f"{float(ev[-1]):11.4e}" if ev is not None and len(ev) else f"{'-':>11}"
         click.echo(f"{r.target:<24} {r.size:>9,} {first} {last} {conv:>6} {prods:>8} "
                    f"{tr:>11.4e}")
-    click.echo(f"wrote {out_path}")
+    click.echo(f"wrote {out_path}{_processes()}")
     if plot_path:
         from curvlab.plot import render_spectra
 
@@ -704,7 +708,7 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
         with store.create_file(out_path, prov, runs[0].result.partition,
                                overwrite=overwrite) as writer:
             write_compare(writer, runs)
-        click.echo(f"wrote {out_path}")
+        click.echo(f"wrote {out_path}{_processes()}")
     if plot_dir:
         from curvlab.plot import save
 

@@ -181,6 +181,7 @@ def test_torchrun_extract_and_spectrum_equal_one_process(tmp_path, capsys):
                   "-o", str(tmp_path / "two.h5")])
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("wrote ") == 1  # rank 0 alone prints
+    assert "(2 processes)" in p.stdout
     code, _, _ = run_cli(capsys, "extract", ckpt, *common, "--curvature", "ggn,mcfisher",
                          "-o", tmp_path / "one.h5")
     assert code == 0
