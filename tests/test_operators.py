@@ -246,3 +246,40 @@ def test_unknown_block_and_bad_params(cfg):
         next(model.parameters())[0, 0] = float("nan")
     with pytest.raises(CurvlabError, match="NaN or Inf"):
         ggn(model, batch)
+
+
+def test_logit_gradient_and_curvature_equal_autograd_of_the_mean_cross_entropy():
+    from curvlab.curvature.logit_space import LogitCurvature, logit_gradient
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 4, -100, 2, 2, 1, -100])
+    scale = 1.0 / 5  # 5 tokens not ignored
+
+    def loss(z):
+        return torch.nn.functional.cross_entropy(z, y, ignore_index=-100, reduction="sum") * scale
+
+    g = torch.func.grad(loss)(z)
+    H = torch.func.hessian(loss)(z).reshape(35, 35)
+    lc = LogitCurvature(z, y, kind="ggn", scale=scale)
+    for probs in (None, lc.probs):
+        assert torch.allclose(logit_gradient(z, y, scale=scale, probs=probs), g, atol=1e-15)
+    assert torch.equal(lc.probs, torch.softmax(z, -1))  # shared probs are not modified
+    u = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    assert torch.allclose(lc(u).reshape(-1), H @ u.reshape(-1), atol=1e-15)
+
+
+def test_sample_labels_follow_the_probabilities_and_do_not_depend_on_the_shard():
+    from curvlab.curvature.logit_space import sample_labels
+
+    p = torch.tensor([[0.7, 0.0, 0.3], [0.1, 0.2, 0.7], [0.0, 1.0, 0.0], [0.25, 0.25, 0.5]],
+                     dtype=torch.float64)
+    labels = sample_labels(p, 20000, torch.Generator().manual_seed(0))
+    assert labels.shape == (20000, 4)
+    freq = torch.stack([(labels == c).double().mean(0) for c in range(3)], dim=1)
+    assert torch.allclose(freq, p, atol=0.015)
+    assert (labels[:, 0] != 1).all() and (labels[:, 2] == 1).all()  # zero mass never drawn
+    # the last 2 tokens alone, drawn as a shard of the 4: the same labels
+    shard = sample_labels(p[2:], 20000, torch.Generator().manual_seed(0), token_range=(2, 4),
+                          chunk_tokens=1)
+    assert torch.equal(shard, labels[:, 2:])

@@ -77,18 +77,21 @@ class LogitCurvature:
 
 
 def logit_gradient(
-    logits: torch.Tensor, targets: torch.Tensor, *, scale: float, ignore_index: int = -100
+    logits: torch.Tensor, targets: torch.Tensor, *, scale: float, ignore_index: int = -100,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``g_z = ∂L/∂z``: per token ``(p_n − e_{y_n}) · scale`` (zero for ignored tokens).
 
     ``logits`` ``[N, V]``, ``targets`` ``[N]``; ``scale`` is ``1/N_total`` as for
     :class:`LogitCurvature`, so that ``g_z`` is the gradient of the mean token cross-entropy.
+    ``probs``: ``softmax(logits)`` if already computed (e.g. ``LogitCurvature.probs``), saving
+    one pass over the ``[N, V]`` logits.
     """
     mask = targets != ignore_index
     safe = torch.where(mask, targets, 0)
-    g = torch.softmax(logits.detach(), dim=-1)
-    g = g - torch.nn.functional.one_hot(safe, logits.shape[-1]).to(g.dtype)
-    return g * (mask.to(g.dtype) * scale)[:, None]
+    g = torch.softmax(logits.detach(), dim=-1) if probs is None else probs.clone()
+    g[torch.arange(len(safe), device=g.device), safe] -= 1  # − e_y, no [N, V] one-hot
+    return g.mul_((mask.to(g.dtype) * scale)[:, None])
 
 
 def sample_labels(

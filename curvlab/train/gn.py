@@ -128,8 +128,10 @@ def inner_gradient(
         if mode == "prox":
             values["model"] = ce(z + jz)
             return logit_gradient(z + jz, targets, scale=scale, ignore_index=ignore_index)
-        g = logit_gradient(z, targets, scale=scale, ignore_index=ignore_index)
-        hjz = LogitCurvature(z, targets, kind="ggn", scale=scale, ignore_index=ignore_index)(jz)
+        curvature = LogitCurvature(z, targets, kind="ggn", scale=scale, ignore_index=ignore_index)
+        g = logit_gradient(z, targets, scale=scale, ignore_index=ignore_index,
+                           probs=curvature.probs)  # one softmax for both
+        hjz = curvature(jz)
         values["model"] = values["loss"] + (g * jz).sum() + 0.5 * (jz * hjz).sum()
         return g + hjz
 
