@@ -72,10 +72,8 @@ def timeout_seconds() -> float:
 def init(timeout: float | None = None, backend: str | None = None) -> bool:
     """Join the ``torchrun`` process group (idempotent). Returns whether it runs distributed.
 
-    ``backend``: ``CURVLAB_DIST_BACKEND`` if set, else ``cpu:gloo,cuda:nccl`` when CUDA is
-    available (CPU tensors over gloo, CUDA tensors over NCCL: ``--device cpu`` keeps working on a
-    GPU machine), else ``gloo``. With NCCL the current device is set to ``cuda:LOCAL_RANK`` (one
-    GPU per process; gloo alone lets several processes share a GPU).
+    ``backend``: ``CURVLAB_DIST_BACKEND`` if set, else :func:`default_backend`. With NCCL the
+    current device is set to ``cuda:LOCAL_RANK`` (one GPU per process).
     """
     if not launched():
         return False
@@ -84,12 +82,21 @@ def init(timeout: float | None = None, backend: str | None = None) -> bool:
     if not dist.is_available():
         raise ConfigError("this PyTorch build has no torch.distributed")
     seconds = timeout_seconds() if timeout is None else timeout
-    backend = backend or os.environ.get("CURVLAB_DIST_BACKEND") or (
-        "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    backend = backend or os.environ.get("CURVLAB_DIST_BACKEND") or default_backend()
     if "nccl" in backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     return True
+
+
+def default_backend() -> str:
+    """``cpu:gloo,cuda:nccl`` when every process of this node can have its own GPU (CPU tensors
+    over gloo, CUDA tensors over NCCL, so ``--device cpu`` keeps working on a GPU machine), else
+    ``gloo`` (no CUDA, or more processes than GPUs: they share the GPUs, over gloo)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
 
 
 def shutdown(wait: bool = True) -> None:

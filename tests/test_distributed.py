@@ -268,3 +268,14 @@ def test_local_device_under_nccl_is_the_rank_gpu(monkeypatch):
     assert distributed.local_device("cuda:0") == "cuda:3"
     assert distributed.local_device("cuda") == "cuda:3"
     assert distributed.local_device("cpu") == "cpu"  # CPU tensors go over gloo
+
+
+def test_default_backend_gives_each_process_its_own_gpu_or_uses_gloo(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.default_backend() == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.default_backend() == "gloo"  # 2 processes, 1 GPU: they share it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.default_backend() == "cpu:gloo,cuda:nccl"
