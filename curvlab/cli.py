@@ -411,7 +411,7 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
     main = distributed.is_main()  # under torchrun only rank 0 touches the file
     resuming = distributed.broadcast_object(resume and out.exists())
     if not resuming and main:
-        store.check_output(out)  # before any work
+        store.check_output(out, remedy="resume it (--resume)")  # before any work
     model, info, spec, batches = load_analysis_inputs(
         checkpoint, data_source, batch_size, seq_len, num_batches, seed, windows, split,
         dtype=dtype, device=device)

@@ -48,6 +48,9 @@ def test_spectrum_cli_errors(tmp_path, capsys):
     assert_clean_error(capsys, "spectrum", ckpt, "--block", "head", "--k", 5000,
                        "-o", tmp_path / "b.h5", match="cannot compute")
     assert not (tmp_path / "b.h5").exists()
+    (tmp_path / "taken.h5").write_bytes(b"x")
+    assert_clean_error(capsys, "spectrum", ckpt, "-o", tmp_path / "taken.h5",
+                       match="exists; pass --overwrite or choose another output file")
     obj = torch.load(ckpt, weights_only=True)
     obj["state_dict"]["norm.weight"][0] = float("nan")
     torch.save(obj, tmp_path / "nan.pt")

@@ -213,7 +213,7 @@ def test_unwritable_outputs_give_clear_errors(tmp_path, checkpoint):
         store.create_file(tmp_path, prov, PARTITION)
     path = tmp_path / "r.h5"
     store.create_file(path, prov, PARTITION).close()
-    with pytest.raises(StoreError, match="exists; resume it"):
+    with pytest.raises(StoreError, match="exists; pass --overwrite or choose another"):
         store.create_file(path, prov, PARTITION)
     store.create_file(path, prov, PARTITION, overwrite=True).close()
     assert not list(tmp_path.glob(".*.tmp"))

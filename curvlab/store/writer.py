@@ -52,14 +52,15 @@ def _to_numpy(values: Any) -> np.ndarray:
     return np.asarray(values)
 
 
-def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_output(path: str | os.PathLike, overwrite: bool = False,
+                 remedy: str = "pass --overwrite") -> Path:
     """Raise a :class:`StoreError` unless a new results file can be written at ``path``
-    (parent folders are created)."""
+    (parent folders are created); ``remedy`` completes the message for an existing file."""
     path = Path(path)
     if path.is_dir():
         raise StoreError(f"cannot write {path}: it is a folder")
     if path.exists() and not overwrite:
-        raise StoreError(f"{path} exists; resume it (--resume) or choose another output file")
+        raise StoreError(f"{path} exists; {remedy} or choose another output file")
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
