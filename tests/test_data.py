@@ -92,3 +92,18 @@ def test_missing_source_and_vocab_check(tmp_path):
     with pytest.raises(DataError, match="token id 300 >= model vocab size 256"):
         s.check_vocab(256)
     s.check_vocab(301)
+
+
+def test_load_corpus_reads_a_file_once_until_it_changes(tmp_path):
+    import os
+
+    path = tmp_path / "t.txt"
+    path.write_text("the first text of this corpus. " * 20)
+    first = load_corpus(str(path))
+    assert load_corpus(str(path)) is first  # read and hashed once
+    assert not first.train.flags.writeable  # shared: read-only
+    path.write_text("another text, of another length. " * 20)
+    os.utime(path, ns=(1, 1))  # a new modification time even on a coarse clock
+    second = load_corpus(str(path))
+    assert second is not first and second.sha256 != first.sha256
+    assert load_corpus(str(path), 0.2) is not second  # another split

@@ -15,6 +15,7 @@ Text sources are split into train (first ``1 - val_fraction`` of the tokens) and
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 from dataclasses import dataclass
@@ -87,7 +88,40 @@ def source_tokenizer(source: str) -> str:
 
 
 def load_corpus(source: str = "default", val_fraction: float = 0.1) -> Corpus:
-    """Read and tokenize a source (see module docstring)."""
+    """Read and tokenize a source (see module docstring).
+
+    The last two corpora are kept while their files are unchanged (size and modification time),
+    so that a command building several batch streams of one source (analysis and validation
+    batches, the provenance hash) reads and hashes it once. Their token arrays are read-only.
+    """
+    return _load_cached(source, float(val_fraction), _file_stamp(source))
+
+
+def _file_stamp(source: str) -> tuple | None:
+    """(size, mtime) of the files behind ``source`` (None for the embedded corpus)."""
+    if source == "default":
+        return None
+    path = Path(source)
+    files = [path / "train.bin", path / "val.bin"] if path.is_dir() else [path]
+    return tuple((st.st_size, st.st_mtime_ns) if (st := _stat(f)) else None for f in files)
+
+
+def _stat(path: Path):
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(source: str, val_fraction: float, stamp: tuple | None) -> Corpus:
+    corpus = _read_corpus(source, val_fraction)
+    corpus.train.setflags(write=False)
+    corpus.val.setflags(write=False)
+    return corpus
+
+
+def _read_corpus(source: str, val_fraction: float) -> Corpus:
     if source == "default":
         tokens = ByteTokenizer().encode(default_text())
         train, val = _split(tokens, val_fraction)
