@@ -9,6 +9,9 @@ torch.set_num_threads(1)  # tiny models: threading overhead dominates
 # Small enough for dense curvature in float64, large enough to have every kind of layer.
 LLAMA_TEST = ModelConfig("llama", vocab_size=32, seq_len=8, d_model=8, n_layers=2, n_heads=2,
                          d_ff=12)
+# Byte vocabulary (trains on the embedded corpus), still small enough for float64 training tests.
+TRAIN_TEST = ModelConfig("llama", vocab_size=256, seq_len=16, d_model=16, n_layers=2, n_heads=2,
+                         d_ff=32)
 GPT_TEST = ModelConfig("gpt", vocab_size=32, seq_len=8, d_model=8, n_layers=2, n_heads=2,
                        d_ff=16, bias=True, tie_embeddings=True)
 

@@ -15,13 +15,13 @@ import torch
 
 import curvlab
 from curvlab.errors import ConfigError
-from curvlab.models import ModelConfig, build_model
+from curvlab.models import build_model
 from curvlab.train import TrainConfig, train
 from tests.cli_helpers import run_cli
+from tests.conftest import TRAIN_TEST
 from tests.dist_helpers import spawn, torchrun
 
-SMALL = ModelConfig("llama", vocab_size=256, seq_len=16, d_model=16, n_layers=2, n_heads=2,
-                    d_ff=32)
+SMALL = TRAIN_TEST
 RTOL = 1e-9  # float64: only the order of the token sums differs
 
 

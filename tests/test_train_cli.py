@@ -6,14 +6,14 @@ import pytest
 
 import curvlab
 from curvlab.cli import cli
-from curvlab.models import ModelConfig, build_model
+from curvlab.models import build_model
 from tests.cli_helpers import assert_clean_error, run_cli
+from tests.conftest import TRAIN_TEST
 
 pytestmark = pytest.mark.skipif("train" not in cli.commands,
                                 reason="curvlab train is not registered in curvlab/cli.py")
 
-SMALL = ModelConfig("llama", vocab_size=256, seq_len=16, d_model=16, n_layers=2, n_heads=2,
-                    d_ff=32)
+SMALL = TRAIN_TEST
 
 
 def test_train_cli_runs_resumes_and_errors(tmp_path, capsys):

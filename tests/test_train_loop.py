@@ -10,11 +10,11 @@ import torch
 
 import curvlab
 from curvlab.errors import ConfigError
-from curvlab.models import ModelConfig, build_model
+from curvlab.models import build_model
 from curvlab.train import OPTIMIZERS, TrainConfig, TrainingDivergedError, train
+from tests.conftest import TRAIN_TEST
 
-SMALL = ModelConfig("llama", vocab_size=256, seq_len=16, d_model=16, n_layers=2, n_heads=2,
-                    d_ff=32)
+SMALL = TRAIN_TEST
 
 
 @pytest.fixture(scope="module")

@@ -65,15 +65,20 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"model config: unknown field(s) {', '.join(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "model config")
 
     def replace(self, **changes: Any) -> ModelConfig:
         changes = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **changes)
+
+
+def strict_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
+    """``cls(**d)`` for a dataclass, refusing fields it does not have (``what: unknown
+    field(s) ...``)."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"{what}: unknown field(s) {', '.join(unknown)}")
+    return cls(**d)
 
 
 PRESETS: dict[str, ModelConfig] = {

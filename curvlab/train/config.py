@@ -9,7 +9,7 @@ from typing import Any
 
 from curvlab.data.batches import WINDOWS
 from curvlab.errors import ConfigError, CurvlabError
-from curvlab.models.config import PRESETS
+from curvlab.models.config import PRESETS, strict_from_dict
 from curvlab.train.line_search import DEFAULT_GRID
 from curvlab.train.optimizers import INNER_OPTIMIZERS
 from curvlab.train.schedules import SCHEDULES
@@ -150,11 +150,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"train config: unknown field(s) {', '.join(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "train config")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
