@@ -296,20 +296,18 @@ def render_spectra(path: str, plot_path: str) -> list[str]:
     """The main spectrum figure of ``path`` (density if stored, else top eigenvalues)."""
     import os
 
-    chosen = fallback = None
+    chosen = None  # a density wins over a top-eigenvalue figure, which is kept meanwhile
     for name, fig in _figures(path):  # drawn one at a time; stop at the first density
-        if chosen is None and name.startswith("density"):
-            chosen = (name, fig)
-        elif fallback is None and chosen is None and name.startswith("top_eigenvalues"):
-            fallback = (name, fig)
+        if name.startswith("density"):
+            if chosen is not None:
+                plt.close(chosen)
+            chosen = fig
+            break
+        if chosen is None and name.startswith("top_eigenvalues"):
+            chosen = fig
         else:
             plt.close(fig)
-        if chosen is not None:
-            break
-    if chosen is None and fallback is None:
+    if chosen is None:
         return []
-    if chosen is not None and fallback is not None:
-        plt.close(fallback[1])
-    fig = (chosen or fallback)[1]
     stem, ext = os.path.splitext(plot_path)
-    return save(fig, stem, [ext.lstrip(".") or "png"])
+    return save(chosen, stem, [ext.lstrip(".") or "png"])
