@@ -178,16 +178,16 @@ def kfac_factors(
         for h in handles:
             h.remove()
     if distributed.active():  # sums over the shards of all ranks, one collective
+        device = next(iter(params.values())).device
         keys = [ly.module for ly in layers]
-        tensors = [torch.as_tensor(d[k], dtype=dtype, device=next(iter(params.values())).device)
-                   for k in keys for d in (sums_a, sums_b)] + [
-            torch.tensor([float(positions[k]) for k in keys], dtype=torch.float64,
-                         device=next(iter(params.values())).device)]
-        tensors = [t.clone() for t in tensors]
-        distributed.all_reduce_(tensors)
+        sums = [torch.as_tensor(d[k], dtype=dtype, device=device).clone()
+                for k in keys for d in (sums_a, sums_b)]
+        counts = torch.tensor([float(positions[k]) for k in keys], dtype=torch.float64,
+                              device=device)
+        distributed.all_reduce_([*sums, counts])
         for i, k in enumerate(keys):
-            sums_a[k], sums_b[k] = tensors[2 * i], tensors[2 * i + 1]
-        positions = {k: int(round(float(v))) for k, v in zip(keys, tensors[-1])}
+            sums_a[k], sums_b[k] = sums[2 * i], sums[2 * i + 1]
+        positions = {k: int(round(float(v))) for k, v in zip(keys, counts)}
     out = []
     for ly in layers:
         t = positions[ly.module]
