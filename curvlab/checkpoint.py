@@ -271,10 +271,10 @@ def load_checkpoint(
             f"{path}: not a curvlab or nanoGPT checkpoint (top-level keys: {keys})"
         )
     model = build_model(config)
+    if dtype is not None:  # before loading: a float64 checkpoint is not rounded via float32
+        model.to(dtype)
     _load_state(model, state, path)
     model.eval()
-    if dtype is not None:
-        model.to(dtype)
     return model.to(device), info
 
 

@@ -156,7 +156,8 @@ def test_layerwise_direction_equals_block_diagonal_solve():
 def test_line_search_picks_the_best_candidate():
     r = line_search(lambda eta: (eta - 0.45) ** 2)
     assert r.step == 0.5 and r.index == 2 and len(r.losses) == 5
-    assert line_search(lambda eta: 1.0, (1.0, 0.5)).step == 1.0  # ties: the first
+    assert line_search(lambda eta: 1.0, (1.0, 0.5)).step == 1.0  # ties: the larger step
+    assert line_search(lambda eta: 1.0, (0.5, 1.0, 0.25)).step == 1.0
     r = line_search(lambda eta: math.nan if eta > 0.6 else eta, (1.0, 0.71, 0.5, 0.35))
     assert r.step == 0.35
     with pytest.raises(CurvlabError, match="NaN or Inf"):

@@ -32,10 +32,12 @@ def extract_logits(output: Any) -> torch.Tensor:
 
 
 def default_logits_fn(
-    model: nn.Module, params: Mapping[str, torch.Tensor], inputs: torch.Tensor
+    model: nn.Module, params: Mapping[str, torch.Tensor], inputs: torch.Tensor, **kwargs: Any
 ) -> torch.Tensor:
-    """``model(inputs)`` evaluated at ``params`` (tied weights follow their first name)."""
-    return extract_logits(functional_call(model, dict(params), (inputs,), tie_weights=True))
+    """``model(inputs, **kwargs)`` evaluated at ``params`` (tied weights follow their first
+    name; parameters missing from ``params`` keep the module's values)."""
+    return extract_logits(functional_call(model, dict(params), (inputs,), kwargs or None,
+                                          tie_weights=True))
 
 
 def model_params(

@@ -15,6 +15,7 @@ from curvlab.train.config import (
     TrainConfig,
     TrainingDivergedError,
 )
+from curvlab.train.gauss_newton import GaussNewton, GNStep, as_batch, mean_loss
 from curvlab.train.gn import (
     Direction,
     InnerGradient,
@@ -23,13 +24,14 @@ from curvlab.train.gn import (
     logits_function,
     solve_direction,
 )
-from curvlab.train.line_search import DEFAULT_GRID, LineSearchResult, line_search
-from curvlab.train.loop import TrainResult, hidden_matrices, mean_loss, train
+from curvlab.train.line_search import DEFAULT_GRID, LineSearchResult, line_search, reference_grid
+from curvlab.train.loop import TrainResult, train
 from curvlab.train.optimizers import (
     INNER_OPTIMIZERS,
     SOAP,
     Muon,
     build_optimizer,
+    hidden_matrices,
     newton_schulz,
 )
 from curvlab.train.schedules import SCHEDULES, lr_factor
@@ -38,6 +40,8 @@ __all__ = [
     "BASELINES",
     "DEFAULT_GRID",
     "Direction",
+    "GNStep",
+    "GaussNewton",
     "GN_METHODS",
     "INNER_OPTIMIZERS",
     "InnerGradient",
@@ -49,6 +53,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",
+    "as_batch",
     "build_optimizer",
     "hidden_matrices",
     "inner_gradient",
@@ -58,6 +63,7 @@ __all__ = [
     "lr_factor",
     "mean_loss",
     "newton_schulz",
+    "reference_grid",
     "solve_direction",
     "train",
 ]

@@ -10,7 +10,7 @@ from typing import Any
 from curvlab.data.batches import WINDOWS
 from curvlab.errors import ConfigError, CurvlabError
 from curvlab.models.config import PRESETS, strict_from_dict
-from curvlab.train.line_search import DEFAULT_GRID
+from curvlab.train.line_search import reference_grid
 from curvlab.train.optimizers import INNER_OPTIMIZERS
 from curvlab.train.schedules import SCHEDULES
 
@@ -35,8 +35,12 @@ class TrainConfig:
     optimizer: ``adamw``, ``muon``, ``soap`` (baselines, learning rate ``lr``, ``grad_accum``
     micro-batches per step) or ``gn``, ``gn-prox``, ``layerwise-gn``, ``layerwise-gn-prox``
     (``inner_steps`` steps of ``inner_optimizer`` at ``inner_lr`` per outer step, one fresh
-    micro-batch each, then a line search over ``line_search`` on ``line_search_batches`` fresh
-    micro-batches). Model: ``init`` checkpoint, else a fresh ``preset`` (default ``tiny``) built
+    micro-batch each, then a line search on ``line_search_batches`` fresh micro-batches, by
+    default as many as ``inner_steps``, over the step sizes ``1/√2^i``, ``i <
+    line_search_range`` (5 for full GN / GN-prox, 10 for the layerwise methods, as the
+    reference's two scripts) unless an explicit ``line_search`` grid is given;
+    ``use_line_search=False``: step 1, no line-search batches). Model: ``init`` checkpoint,
+    else a fresh ``preset`` (default ``tiny``) built
     with ``seed``. Data: ``data`` source, ``seq_len`` (default the model's), micro-batches of
     ``micro_batch_size`` sequences, batch ``i`` of the stream fixed by (``seed``, ``i``).
     """
@@ -67,8 +71,10 @@ class TrainConfig:
     inner_steps: int = 16
     inner_lr: float = 0.01
     warm_start: bool = True
-    line_search: tuple[float, ...] = DEFAULT_GRID
-    line_search_batches: int = 1
+    use_line_search: bool = True
+    line_search: tuple[float, ...] | None = None
+    line_search_range: int | None = None
+    line_search_batches: int | None = None
     damping: float = 0.0
     # schedule and evaluation
     schedule: str = "cosine"
@@ -88,7 +94,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        object.__setattr__(self, "line_search", tuple(float(s) for s in self.line_search))
+        if self.line_search is not None:
+            object.__setattr__(self, "line_search", tuple(float(s) for s in self.line_search))
 
         def check(ok: bool, msg: str) -> None:
             if not ok:
@@ -108,8 +115,7 @@ class TrainConfig:
         check(self.windows in WINDOWS, f"unknown windows mode {self.windows!r}")
         check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
         for name in ("inner_steps", "micro_batch_size", "grad_accum", "eval_every",
-                     "eval_batches", "line_search_batches", "ns_steps", "precondition_frequency",
-                     "max_precond_dim"):
+                     "eval_batches", "ns_steps", "precondition_frequency", "max_precond_dim"):
             check(getattr(self, name) >= 1,
                   f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "checkpoint_every", "warmup_steps"):
@@ -126,8 +132,15 @@ class TrainConfig:
         check(0 <= self.momentum < 1 and 0 <= self.shampoo_beta < 1,
               "momentum and shampoo-beta must be in [0, 1)")
         check(0 <= self.ema_decay < 1, "ema-decay must be in [0, 1)")
-        check(bool(self.line_search) and all(math.isfinite(s) and s > 0 for s in self.line_search),
+        check(self.line_search is None or (bool(self.line_search) and all(
+            math.isfinite(s) and s > 0 for s in self.line_search)),
               "line-search needs one or more positive step sizes")
+        for name in ("line_search_range", "line_search_batches"):
+            value = getattr(self, name)
+            check(value is None or value >= 1,
+                  f"{name.replace('_', '-')} must be >= 1, got {value}")
+        check(self.line_search is None or self.line_search_range is None,
+              "give --line-search (explicit step sizes) or --line-search-range, not both")
         check(not self.resume or self.out is not None, "--resume needs --out")
 
     @property
@@ -139,13 +152,29 @@ class TrainConfig:
         return self.optimizer.startswith("layerwise")
 
     @property
+    def line_search_grid(self) -> tuple[float, ...]:
+        """The step sizes tried: the explicit ``line_search`` grid, else ``1/√2^i`` for ``i <
+        line_search_range`` (default 5, layerwise 10)."""
+        if self.line_search is not None:
+            return self.line_search
+        return reference_grid(self.line_search_range or (10 if self.layerwise else 5))
+
+    @property
+    def ls_batches(self) -> int:
+        """Line-search micro-batches per outer step (0 without a line search)."""
+        if not self.is_gn or not self.use_line_search:
+            return 0
+        return self.line_search_batches or self.inner_steps
+
+    @property
     def mode(self) -> str:
         """``prox`` for the prox-linear variants, else ``gn``."""
         return "prox" if self.optimizer.endswith("prox") else "gn"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["betas"], d["line_search"] = list(self.betas), list(self.line_search)
+        d["betas"] = list(self.betas)
+        d["line_search"] = None if self.line_search is None else list(self.line_search)
         return d
 
     @classmethod
@@ -160,7 +189,8 @@ class TrainConfig:
         shared = ["betas", "eps", "weight_decay", "grad_clip", "schedule", "warmup_steps",
                   "final_lr_frac", "ema_decay", "max_steps", "micro_batch_size"]
         if self.is_gn:
-            keys = ["inner_optimizer", "inner_steps", "inner_lr", "warm_start", "line_search",
+            keys = ["inner_optimizer", "inner_steps", "inner_lr", "warm_start",
+                    "use_line_search", "line_search", "line_search_range",
                     "line_search_batches", "damping"]
             if self.inner_optimizer != "adamw":
                 keys += ["momentum"] + (["ns_steps"] if self.inner_optimizer != "sgd" else [])
@@ -170,6 +200,9 @@ class TrainConfig:
                      "soap": ["shampoo_beta", "precondition_frequency", "max_precond_dim"]
                      }[self.optimizer]
         d = self.to_dict()
+        if self.is_gn:  # the resolved line search: the grid tried and its micro-batches
+            d["line_search"] = list(self.line_search_grid) if self.use_line_search else []
+            d["line_search_batches"] = self.ls_batches
         return {k: d[k] for k in keys + shared}
 
     def changes_for_resume(self, stored: dict[str, Any]) -> list[str]:

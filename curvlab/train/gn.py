@@ -151,16 +151,20 @@ def inner_gradient(
 
 @dataclass(frozen=True, eq=False)
 class Direction:
-    """A GN direction Δ (per parameter) and what the inner solve saw.
+    """A GN direction Δ (per inner variable) and what the inner solve saw.
 
     loss: mean ``L(θ_t)`` over the inner micro-batches (the first block's solve).
     decrease: ``L(θ_t) − m(Δ)`` on the last micro-batch of each block's solve, averaged over the
     blocks: the loss decrease the inner model predicts.
+    inner_losses: ``L(θ_t)`` per inner micro-batch; inner_model_losses: ``m(Δ)`` at each inner
+    step of the first block (at the Δ its gradient was taken at).
     """
 
     delta: Tensors
     loss: float
     decrease: float
+    inner_losses: tuple[float, ...] = ()
+    inner_model_losses: tuple[float, ...] = ()
 
 
 def solve_direction(
@@ -168,21 +172,25 @@ def solve_direction(
     optimizer: torch.optim.Optimizer, batches: Sequence[Batch], blocks: Sequence[Sequence[str]],
     *, mode: str = "gn", damping: float = 0.0, clip: float = 0.0,
     lr: Callable[[int], float] | None = None, ignore_index: int = -100,
+    logits_fns: Sequence[LogitsFn | None] | None = None,
 ) -> Direction:
     """Minimize the inner loss over each block in turn, others frozen at ``theta``.
 
-    ``point`` holds the optimizer's variables ``θ' = θ_t + Δ`` (all parameters, updated in
-    place; their start is the warm start). For each block, one optimizer step per micro-batch of
-    ``batches`` on the inner gradient (clipped to global norm ``clip`` over the block if > 0),
-    learning rate ``lr(k)`` at inner step ``k``. One block holding all parameters is full GN;
-    the layer partition is layerwise GN (every block from the same θ_t, solutions merged).
+    ``point`` holds the optimizer's variables ``θ' = θ_t + Δ`` (every parameter of a block,
+    updated in place; their start is the warm start). For each block, one optimizer step per
+    micro-batch of ``batches`` on the inner gradient (clipped to global norm ``clip`` over the
+    block if > 0), learning rate ``lr(k)`` at inner step ``k``. One block holding all parameters
+    is full GN; the layer partition is layerwise GN (every block from the same θ_t, solutions
+    merged). ``logits_fns``: the logits function of each micro-batch (None: the model's
+    forward). Returns ``Δ = θ' − θ_t`` for every key of ``point``.
 
     Under ``torchrun`` ``batches`` are this rank's rows of the micro-batches; every inner
     gradient is all-reduced (:func:`inner_gradient`), so ``point`` and the optimizer stay the
     same on every rank and the result is the single-process one on the whole micro-batches.
     """
     counts = token_counts(batches, ignore_index)
-    losses, decreases = [], []
+    fns = list(logits_fns) if logits_fns is not None else [None] * len(batches)
+    losses, model_losses, decreases = [], [], []
     for b, block in enumerate(blocks):
         params = [point[k] for k in block]
         for k, batch in enumerate(batches):
@@ -191,9 +199,11 @@ def solve_direction(
                     group["lr"] = lr(k)
             delta = {name: point[name] - theta[name] for name in block}
             r = inner_gradient(model, theta, delta, batch, mode=mode, damping=damping,
-                               ignore_index=ignore_index, num_tokens=counts[k])
+                               ignore_index=ignore_index, logits_fn=fns[k],
+                               num_tokens=counts[k])
             if b == 0:
                 losses.append(r.loss)
+                model_losses.append(r.model_loss)
             for name, p in zip(block, params):
                 p.grad = r.grad[name]
             if clip > 0:
@@ -202,5 +212,6 @@ def solve_direction(
             for p in params:
                 p.grad = None
         decreases.append(r.loss - r.model_loss)
-    delta = {name: point[name] - theta[name] for name in theta}
-    return Direction(delta, sum(losses) / len(losses), sum(decreases) / len(decreases))
+    delta = {name: point[name] - theta[name] for name in point}
+    return Direction(delta, sum(losses) / len(losses), sum(decreases) / len(decreases),
+                     tuple(losses), tuple(model_losses))

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +40,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from curvlab import distributed
 from curvlab.checkpoint import load_checkpoint, save_checkpoint
-from curvlab.curvature.blocks import layer_partition
-from curvlab.curvature.model_fn import default_logits_fn
 from curvlab.data.batches import Batch, BatchStream, DataSpec
 from curvlab.errors import CheckpointError, ConfigError, CurvlabError
 from curvlab.models import ModelConfig, build_model, preset
 from curvlab.train.config import TrainConfig, TrainingDivergedError
-from curvlab.train.gn import solve_direction, token_counts
-from curvlab.train.line_search import line_search
-from curvlab.train.optimizers import build_optimizer, set_lr
+from curvlab.train.gauss_newton import GaussNewton, ce_sum, mean_loss
+from curvlab.train.gn import token_counts
+from curvlab.train.optimizers import build_optimizer, hidden_matrices, set_lr
 from curvlab.train.schedules import lr_factor
 
 Progress = Callable[[dict[str, Any]], None]
@@ -74,41 +72,6 @@ class TrainResult:
     history: tuple[dict[str, Any], ...]
     checkpoint: str | None
     wall_time: float
-
-
-def hidden_matrices(model: nn.Module) -> list[str]:
-    """2-D parameters inside the transformer blocks (Muon's parameters); embeddings, the head
-    and 1-D parameters are not hidden."""
-    part = layer_partition(model)
-    return [name for block in part if block.name.startswith("layer.")
-            for name in block.params if model.get_parameter(name).ndim == 2]
-
-
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
-            ) -> torch.Tensor:
-    """Sum of the token cross-entropies over the targets that are not ``ignore_index``."""
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                       ignore_index=ignore_index, reduction="sum")
-
-
-def mean_loss(model: nn.Module, params: Mapping[str, torch.Tensor] | None,
-              batches: Sequence[Batch]) -> float:
-    """Mean over ``batches`` of the mean token cross-entropy at ``params`` (the model's own
-    parameters if None); no gradients.
-
-    Under ``torchrun`` the batches are this rank's rows of each batch: token sums and counts
-    are summed over ranks (one collective), so every rank gets the loss of the whole batches.
-    """
-    sums, counts = [], []
-    with torch.no_grad():
-        for b in batches:
-            logits = model(b.inputs) if params is None else default_logits_fn(model, params,
-                                                                                b.inputs)
-            sums.append(float(_ce_sum(logits, b.targets)))
-            counts.append(int((b.targets != -100).sum()))
-    totals = distributed.sum_scalars(*sums, *counts)
-    m = len(batches)
-    return sum(s / c if c else math.nan for s, c in zip(totals[:m], totals[m:])) / m
 
 
 class _Baseline:
@@ -154,7 +117,7 @@ class _Baseline:
         for k, (b, n) in enumerate(zip(batches, counts)):
             sync = k == K - 1 or self.net is self.model
             with nullcontext() if sync else self.net.no_sync():
-                ce = _ce_sum(self.net(b.inputs), b.targets)
+                ce = ce_sum(self.net(b.inputs), b.targets)
                 (ce / n * world / K).backward()
             sums.append(float(ce.detach()))
         totals = distributed.sum_scalars(*sums)
@@ -171,59 +134,29 @@ class _Baseline:
 
 
 class _GaussNewton:
-    """GN / GN-prox-linear, full or layerwise; inner optimizer on ``θ' = θ_t + Δ``."""
+    """GN / GN-prox-linear, full or layerwise: :class:`curvlab.optim.GaussNewton` stepped on
+    micro-batches ``t·K .. t·K + K − 1`` (the inner solve's first, then the line search's)."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, batch: Callable[[int], Batch]):
-        self.model, self.cfg, self.batch = model, cfg, batch
-        names = [n for n, _ in model.named_parameters()]
-        self.blocks = ([list(b.params) for b in layer_partition(model)] if cfg.layerwise
-                       else [names])
-        self.hidden = hidden_matrices(model)
-        self.point = {n: p.detach().clone() for n, p in model.named_parameters()}
-        self.opt = self._optimizer()
-        self.batches_per_step = cfg.inner_steps + cfg.line_search_batches
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        cfg = self.cfg
-        return build_optimizer(
-            cfg.inner_optimizer, self.point, self.hidden, lr=cfg.inner_lr, betas=cfg.betas,
-            eps=cfg.eps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-            ns_steps=cfg.ns_steps)
+        self.cfg, self.batch = cfg, batch
+        self.gn = GaussNewton.from_config(model, cfg)
+        self.batches_per_step = cfg.inner_steps + cfg.ls_batches
 
     def step(self, t: int) -> dict[str, Any]:
-        cfg, n = self.cfg, self.cfg.inner_steps
-        theta = {k: p.detach() for k, p in self.model.named_parameters()}  # θ_t (shared storage)
-        if not cfg.warm_start:
-            for k, p in self.point.items():
-                p.copy_(theta[k])
-            self.opt = self._optimizer()
-        first = t * self.batches_per_step
+        n, first = self.cfg.inner_steps, t * self.batches_per_step
+        if self.gn.steps != t:
+            raise CheckpointError(f"GN state is at outer step {self.gn.steps}, the run at {t}")
         inner = [self.batch(first + k) for k in range(n)]
-
-        def lr(k: int) -> float:
-            return cfg.inner_lr * lr_factor(cfg.schedule, t, cfg.max_steps, inner=k,
-                                            inner_steps=n, warmup=cfg.warmup_steps,
-                                            final=cfg.final_lr_frac)
-
-        d = solve_direction(self.model, theta, self.point, self.opt, inner, self.blocks,
-                            mode=cfg.mode, damping=cfg.damping, clip=cfg.grad_clip, lr=lr)
-        scored = [self.batch(first + n + j) for j in range(cfg.line_search_batches)]
-        ls = line_search(lambda eta: mean_loss(
-            self.model, {k: theta[k] + eta * d.delta[k] for k in theta}, scored), cfg.line_search)
-        with torch.no_grad():
-            for k, p in self.model.named_parameters():
-                p.add_(d.delta[k], alpha=ls.step)
-                self.point[k].copy_(p + d.delta[k])  # warm start: θ_{t+1} + Δ_t
-        return {"train_loss": d.loss, "lr": lr(0), "ls_step": ls.step,
-                "ls_losses": list(ls.losses), "inner_decrease": d.decrease}
+        scored = [self.batch(first + n + j) for j in range(self.cfg.ls_batches)]
+        r = self.gn.step(inner, scored)
+        return {"train_loss": r.loss, "lr": r.lr, "ls_step": r.step_size,
+                "ls_losses": list(r.line_search_losses), "inner_decrease": r.predicted_decrease}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.opt.state_dict(), "point": dict(self.point)}
+        return self.gn.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, p in self.point.items():
-            p.copy_(state["point"][k])
-        self.opt.load_state_dict(state["optimizer"])
+        self.gn.load_state_dict(state)
 
 
 def _mismatch(a: ModelConfig, b: ModelConfig) -> list[str]:
@@ -235,15 +168,11 @@ def _mismatch(a: ModelConfig, b: ModelConfig) -> list[str]:
 
 def _load_exact(path: str | Path, device: str, dtype: torch.dtype
                 ) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """A checkpoint's model in ``dtype`` with its stored values copied without rounding
-    (``load_checkpoint`` builds float32 models), plus the raw payload."""
-    model, info = load_checkpoint(path)
-    model.to(dtype)
+    """A checkpoint's model in ``dtype`` (stored values copied without rounding through
+    float32) plus the raw payload."""
+    model, info = load_checkpoint(path, device=device, dtype=dtype)
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(raw["state_dict"][name])
-    return model.to(device), info, raw
+    return model, info, raw
 
 
 def _initial_model(cfg: TrainConfig, dtype: torch.dtype, device: str

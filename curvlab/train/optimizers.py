@@ -234,6 +234,16 @@ def build_optimizer(
     raise ConfigError(f"unknown optimizer {name!r}")
 
 
+def hidden_matrices(model: torch.nn.Module) -> list[str]:
+    """2-D parameters inside the transformer blocks (Muon's parameters); embeddings, the head
+    and 1-D parameters are not hidden."""
+    from curvlab.curvature.blocks import layer_partition
+
+    part = layer_partition(model)
+    return [name for block in part if block.name.startswith("layer.")
+            for name in block.params if model.get_parameter(name).ndim == 2]
+
+
 def set_lr(optimizer: Optimizer, lr: float) -> None:
     """Set the learning rate of every group."""
     for group in optimizer.param_groups:
