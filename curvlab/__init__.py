@@ -8,6 +8,8 @@ Public API (see docs/api.md):
 - partitions: :func:`partition`, :func:`layer_partition`, :func:`param_partition`;
 - curvature operators: :func:`ggn`, :func:`hessian`, :func:`fisher`, :func:`curvature_operator`;
 - checks: :func:`verify_operators`;
+- training: :func:`train` / :class:`TrainConfig` (``curvlab train``), and Gauss-Newton in your
+  own loop: :class:`curvlab.optim.GaussNewton`;
 - several processes (``torchrun``): :mod:`curvlab.distributed` (``init``, ``is_main``,
   ``Batch.shard``), see docs/distributed.md.
 """
@@ -22,6 +24,7 @@ from curvlab import (  # noqa: E402
     errors,
     linalg,
     models,
+    optim,
     store,
     train,
 )
@@ -59,10 +62,14 @@ from curvlab.curvature.verify import verify_operators  # noqa: E402
 from curvlab.data import Batch, BatchStream, DataSpec, load_corpus  # noqa: E402
 from curvlab.errors import CurvlabError  # noqa: E402
 from curvlab.models import ModelConfig, build_model, lm_loss, math_attention, preset  # noqa: E402
+from curvlab.optim import GaussNewton, GNStep  # noqa: E402
 from curvlab.train import TrainConfig, TrainingDivergedError, TrainResult  # noqa: E402
 
 __all__ = [
     "CompareResult",
+    "GNStep",
+    "GaussNewton",
+    "optim",
     "compare",
     "distributed",
     "compare_checkpoints",

@@ -324,7 +324,15 @@ class GaussNewton:
             if not isinstance(opt, torch.optim.Optimizer):
                 raise ConfigError("inner(params) must return a torch.optim.Optimizer")
             return opt
-        hidden = [n for n in hidden_matrices(self.model) if n in self.point]
+        hidden: list[str] = []
+        if self.inner == "muon-adamw":
+            try:
+                hidden = [n for n in hidden_matrices(self.model) if n in self.point]
+            except ConfigError:
+                raise ConfigError(
+                    "inner 'muon-adamw' applies Muon to the matrices of the transformer layers, "
+                    "and this model has none that curvlab recognizes ('layers.N.' / 'h.N.' "
+                    "names); use inner='adamw', 'sgd' or a callable") from None
         return build_optimizer(self.inner, self.point, hidden, lr=self.inner_lr, **self.hyper)
 
     def lr(self, step: int, inner: int, inner_steps: int) -> float:
