@@ -26,6 +26,7 @@ from curvlab.compare import (
     direction,
     format_evolution,
     format_table,
+    ggn_diagonal,
     kfac_factors,
     linear_layers,
     pencil_ritz,
@@ -180,30 +181,121 @@ def test_preconditioned_condition_numbers(setup, runs):
     assert spec.top * (1 + 1e-8) >= top >= 0.9 * spec.top
 
 
-def test_diagonals_equal_dense_diagonals(setup):
+@pytest.fixture(scope="module")
+def token_grads(setup):
+    """Per-token gradients ∇ℓ_n by one autograd call per token: {parameter: [N, *shape]}."""
     model, batch, *_ = setup
-    _, _, _, dense, G = setup
-    builder = PreconditionerBuilder(dense)
-    diag, exact = builder.diag_ggn()
-    assert all(exact) and torch.allclose(diag, G.diagonal(), rtol=1e-12, atol=0)
-    # empirical Fisher: the mean over tokens of squared per-token gradients
     params = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
     with curvlab.math_attention():
         logits = functional_call(model, params, (batch.inputs,)).reshape(-1, 32)
     ce = nn.functional.cross_entropy(logits, batch.targets.reshape(-1), reduction="none")
-    sq = 0
-    for n in range(ce.numel()):
-        gs = torch.autograd.grad(ce[n], list(params.values()), retain_graph=True)
-        sq = sq + dense.space.from_tangents(dict(zip(params, gs))) ** 2
-    fdiag, exact = builder.diag_efisher()
-    assert all(exact) and torch.allclose(fdiag, sq / ce.numel(), rtol=1e-10, atol=1e-300)
+    rows = [torch.autograd.grad(ce[n], list(params.values()), retain_graph=True)
+            for n in range(ce.numel())]
+    return {k: torch.stack([r[i] for r in rows]) for i, k in enumerate(params)}
+
+
+def test_diagonals_equal_dense_diagonals(setup, token_grads):
+    model, batch, _, dense, G = setup
+    builder = PreconditionerBuilder(dense)
+    diag = builder.diag_ggn()
+    assert diag.info.estimators == ("dense",) * 4 and diag.info.rel_errors == (0.0,) * 4
+    assert torch.allclose(diag.values, G.diagonal(), rtol=1e-12, atol=0)
+    # empirical Fisher: the mean over tokens of squared per-token gradients
+    sq = dense.space.from_tangents({k: (g**2).sum(0) for k, g in token_grads.items()})
+    fdiag = builder.diag_efisher()
+    assert fdiag.info.estimators == ("exact",) * 4 and fdiag.info.pullbacks == 16
+    assert torch.allclose(fdiag.values, sq / 16, rtol=1e-10, atol=1e-300)
     adam = builder.make("adam", LAM)
-    assert torch.allclose(adam.apply(torch.ones_like(fdiag)), fdiag.sqrt() + LAM)
-    # Hutchinson estimates where blocks are not held densely: seeded, flagged
-    est = PreconditionerBuilder(Problem(model, batch, "layer", dense_max=260), diag_probes=8)
-    d1, flags = est.diag_ggn()
-    assert flags == (True, False, False, False)
-    assert torch.equal(d1[:256], diag[:256])
+    assert torch.allclose(adam.apply(torch.ones_like(sq)), fdiag.values.sqrt() + LAM)
+    # blocks not held densely: exact from per-token root columns (N·V = 16·32 pullbacks)
+    mixed = PreconditionerBuilder(Problem(model, batch, "layer", dense_max=260)).diag_ggn()
+    assert mixed.info.estimators == ("dense", "exact", "exact", "exact")
+    assert mixed.info.pullbacks == 16 * 32
+    assert torch.allclose(mixed.values, G.diagonal(), rtol=1e-10, atol=0)
+
+
+def test_exact_ggn_diagonal_is_the_dense_diagonal(cfg):
+    # both model families (RMSNorm llama, LayerNorm gpt with biases and a tied head)
+    model, batch = make_model(cfg), make_batch(cfg)
+    G = Problem(model, batch, "layer", dense_max=4096, cache=False).ggn.dense()
+    est = ggn_diagonal(Problem(model, batch, "layer", dense_max=0, cache=False),
+                       exact_max=16 * 32)
+    assert est.info.estimators == ("exact",) * 4 and est.info.samples == 0
+    assert torch.allclose(est.values, G.diagonal(), rtol=1e-10, atol=1e-14 * G.diagonal().max())
+
+
+def test_monte_carlo_ggn_diagonal_is_nonnegative_and_converges(setup):
+    *_, G = setup
+    model, batch, *_ = setup
+    problem = Problem(model, batch, "layer", dense_max=0, cache=False)
+    exact = G.diagonal()
+    errors = {}
+    # seed 0: relative errors 0.29 and 0.058 (over 5 seeds 0.10-0.29 and 0.023-0.058); the
+    # stated bounds 0.34 and 0.090
+    for samples in (25, 400):
+        est = ggn_diagonal(problem, exact_max=0, samples=samples, seed=0)
+        assert est.info.estimators == ("mc",) * 4 and est.info.samples == samples
+        assert est.info.pullbacks == 16 * samples
+        assert bool((est.values >= 0).all())
+        errors[samples] = float((est.values - exact).norm() / exact.norm())
+        # the stated (conservative) error bounds the measured one
+        assert errors[samples] <= max(est.info.rel_errors)
+    assert errors[400] < 0.07
+    assert 2 < errors[25] / errors[400] < 8  # ~ 1/√S: 4
+    again = ggn_diagonal(problem, exact_max=0, samples=25, seed=0)
+    assert torch.equal(again.values, ggn_diagonal(problem, exact_max=0, samples=25,
+                                                  seed=0).values)
+
+
+def _sym_power(m, power):
+    w, q = torch.linalg.eigh(m)
+    w = torch.where(w > m.shape[0] * 2.3e-16 * w.max(), w, 0.0)  # roundoff of a PSD matrix
+    return q @ torch.diag(w**power) @ q.T
+
+
+def test_first_order_baselines_equal_dense_constructions(setup, token_grads):
+    from curvlab.train import newton_schulz  # Muon's own iteration, by design
+
+    model, batch, _, dense, G = setup
+    builder = PreconditionerBuilder(dense)
+    N = 16
+    g = {k: t.mean(0) for k, t in token_grads.items()}
+    assert torch.allclose(dense.space.from_tangents(g), dense.grad, rtol=1e-10, atol=1e-15)
+    adam = {k: (t**2).mean(0).sqrt() + LAM for k, t in token_grads.items()}
+    refs = {name: {k: -g[k] / adam[k] for k in g} for name in ("shampoo", "soap", "muon")}
+    hidden = [k for k in g if k.startswith("layers.") and g[k].ndim == 2]
+    assert len(hidden) == 14
+    for k, Gn in token_grads.items():
+        if Gn.ndim != 3:
+            continue
+        m, c = Gn.shape[1:]
+        L = torch.einsum("nij,nkj->ik", Gn, Gn) / (N * c)
+        R = torch.einsum("nji,njk->ik", Gn, Gn) / (N * m)
+        P = torch.kron(_sym_power(L, 0.25), _sym_power(R, 0.25)) + LAM * torch.eye(m * c,
+                                                                          dtype=L.dtype)
+        refs["shampoo"][k] = -torch.linalg.solve(P, g[k].reshape(-1)).reshape(m, c)
+        QL, QR = torch.linalg.eigh(L)[1], torch.linalg.eigh(R)[1]
+        D = (QL.T @ Gn @ QR).square().mean(0)
+        Q = torch.kron(QL, QR)
+        P = Q @ torch.diag(D.sqrt().reshape(-1) + LAM) @ Q.T
+        refs["soap"][k] = -torch.linalg.solve(P, g[k].reshape(-1)).reshape(m, c)
+        if k in hidden:
+            o = newton_schulz(g[k])
+            sv = torch.linalg.svdvals(o)
+            assert 0.6 < float(sv.min()) and float(sv.max()) < 1.3  # orthogonalized
+            refs["muon"][k] = -0.2 * math.sqrt(max(m, c)) * o
+    for name, ref in refs.items():
+        pre = builder.make(name, LAM)
+        d = direction(pre, dense.grad)
+        expect = dense.space.from_tangents(ref)
+        assert (d - expect).norm() <= 1e-10 * expect.norm(), name
+    assert not builder.make("muon", LAM).linear
+    for name in ("shampoo", "soap"):  # closed-form P, P^{-1/2} consistent
+        pre = builder.make(name, LAM)
+        P = pre.apply(torch.eye(dense.n, dtype=torch.float64))
+        assert torch.allclose(P, P.T, atol=1e-14)
+        assert torch.allclose(pre.inv_sqrt(pre.inv_sqrt(P)), torch.eye(dense.n,
+                              dtype=P.dtype), atol=1e-8)
 
 
 class LinearLM(nn.Module):
@@ -296,8 +388,11 @@ def test_singular_without_damping_is_a_clear_error(setup):
 def test_bad_options_are_clear_errors(setup):
     model, batch, val, *_ = setup
     with pytest.raises(ConfigError, match="unknown preconditioner 'sophia'; valid: full, "
-                                          "layerwise, diag, adam, kfac, identity"):
+                                          "layerwise, diag, adam, kfac, shampoo, soap, muon, "
+                                          "identity$"):
         compare_preconditioners(model, batch, val, preconditioners=("full", "sophia"))
+    with pytest.raises(ConfigError, match="diag_exact_max must be >= 0 and diag_samples >= 1"):
+        compare_preconditioners(model, batch, val, diag_samples=0)
     with pytest.raises(ConfigError, match="dampings must be finite and >= 0"):
         compare_preconditioners(model, batch, val, dampings=(-1.0,))
     with pytest.raises(ConfigError, match="unknown K-FAC estimator"):
@@ -328,25 +423,51 @@ def test_hdf5_round_trip_table_and_figures(runs, tmp_path):
         write_compare(w, runs)
     with h5py.File(tmp_path / "c.h5", "r") as f:
         g = f["compare/1"]
-        assert g["decrease_best"].shape == (6, 2) and g["val_losses"].shape == (6, 2, 5)
-        assert g["block_curvature"].shape == (6, 2, 3) and g.attrs["step"] == 20
+        assert g["decrease_best"].shape == (9, 2) and g["val_losses"].shape == (9, 2, 5)
+        assert g["block_curvature"].shape == (9, 2, 3) and g.attrs["step"] == 20
+        assert list(g["diagonals/ggn/estimators"].asstr()) == ["dense"] * 3
+        assert list(g["diagonals/efisher/estimators"].asstr()) == ["exact"] * 3
+        assert g["diagonals/efisher"].attrs["pullbacks"] == 8  # tokens
+        muon = list(result.preconditioners).index("muon")
+        assert g["spectrum_method"].asstr()[muon, 0] == ""  # not a linear P
+        assert g["solve_method"].asstr()[muon, 0] == "newton-schulz"
         assert list(f["compare"].attrs["preconditioners"]) == list(result.preconditioners)
         assert f.attrs["format"] == "curvlab-results" and len(g.attrs["checkpoint_sha256"]) == 64
     back = read_compare(tmp_path / "c.h5")
     assert [b.step for b in back] == [10, 20]
     assert back[1].result.rows == result.rows
     assert back[1].result.off_diagonal == result.off_diagonal
-    assert {r.spectrum.method for r in result.rows} == {"analytic", "dense"}
+    assert back[1].result.diagonals == result.diagonals and result.diagonals
+    assert {r.spectrum.method for r in result.rows if r.spectrum} == {"analytic", "dense"}
+    assert [r.preconditioner for r in result.rows if r.spectrum is None] == ["muon"] * 2
     text = format_table(result, per_block=True)
     assert "layerwise" in text and "off-diagonal energy" in text and "block share" in text
+    assert "diag(G) per block: embed dense, layer.0 dense, head dense" in text
     from curvlab import plot
 
     names, lams = result.preconditioners, result.dampings
     ratio = np.array([[result.ratio(n, lam) for lam in lams] for n in names])
-    kappa = np.array([[result.row(n, lam).spectrum.condition for lam in lams] for n in names])
+    kappa = np.array([[s.condition if (s := result.row(n, lam).spectrum) else np.nan
+                       for lam in lams] for n in names])
     for fig in (plot.figure_compare_decrease(names, lams, ratio),
                 plot.figure_condition_numbers(names, lams, kappa),
                 plot.figure_compare_vs_step([0, 10], names, np.stack([ratio[:, 0]] * 2),
                                             damping=LAM)):
         assert plot.save(fig, str(tmp_path / "fig"))
     assert result.off_diagonal.exact and 0 < result.off_diagonal.value < 1
+
+
+def test_cli_lists_and_validates_preconditioner_names(capsys):
+    from tests.cli_helpers import assert_clean_error, run_cli
+
+    code, out, _ = run_cli(capsys, "compare", "--help")
+    assert code == 0
+    help_text = " ".join(out.split())
+    assert "full, layerwise, diag, adam, kfac, shampoo, soap, muon, identity" in help_text
+    # checked before any checkpoint or data is read: one line, exit 1
+    for bad, match in (("full,sophia", "error: unknown preconditioner 'sophia'; valid: full, "
+                                       "layerwise, diag, adam, kfac, shampoo, soap, muon, "
+                                       "identity"),
+                       ("muon,muon", "error: preconditioner listed twice: muon, muon")):
+        assert_clean_error(capsys, "compare", "missing.pt", "--preconditioners", bad,
+                           match=match)

@@ -9,7 +9,8 @@ result.ratio("layerwise", 1e-3)          # predicted decrease at the best step, 
 
 Modules: :mod:`~curvlab.compare.problem` (G, g, loss, dense caches),
 :mod:`~curvlab.compare.directions` (preconditioners, ``d = −P⁻¹ g``),
-:mod:`~curvlab.compare.kfac` (K-FAC factors), :mod:`~curvlab.compare.metrics` (spectra,
+:mod:`~curvlab.compare.kfac` (K-FAC factors), :mod:`~curvlab.compare.per_token` (per-token
+pullbacks: diagonals of G and F, Shampoo's factors), :mod:`~curvlab.compare.metrics` (spectra,
 off-diagonal energy), :mod:`~curvlab.compare.api` (the comparison and its results),
 :mod:`~curvlab.compare.report` (text table), :mod:`~curvlab.compare.h5` (``/compare`` in
 HDF5), :mod:`~curvlab.compare.figures` (standard figures). See docs/compare.md.
@@ -45,6 +46,13 @@ from curvlab.compare.metrics import (
     pencil_ritz,
     preconditioned_spectrum,
 )
+from curvlab.compare.per_token import (
+    DiagonalEstimate,
+    DiagonalInfo,
+    empirical_statistics,
+    ggn_diagonal,
+    rotated_diagonal,
+)
 from curvlab.compare.problem import Curvature, Problem
 from curvlab.compare.report import format_evolution, format_table
 
@@ -57,6 +65,8 @@ __all__ = [
     "CompareError",
     "CompareResult",
     "Curvature",
+    "DiagonalEstimate",
+    "DiagonalInfo",
     "DirectionMetrics",
     "KFACFactors",
     "LinearLayer",
@@ -72,8 +82,10 @@ __all__ = [
     "compare_checkpoints",
     "compare_preconditioners",
     "direction",
+    "empirical_statistics",
     "format_evolution",
     "format_table",
+    "ggn_diagonal",
     "kfac_factors",
     "linear_layers",
     "measure_direction",
@@ -81,5 +93,6 @@ __all__ = [
     "pencil_ritz",
     "preconditioned_spectrum",
     "read_compare",
+    "rotated_diagonal",
     "write_compare",
 ]

@@ -31,13 +31,15 @@ from curvlab.compare.metrics import (
     off_diagonal_energy,
     preconditioned_spectrum,
 )
+from curvlab.compare.per_token import DiagonalInfo
 from curvlab.compare.problem import Problem, as_batch_list
 from curvlab.curvature.blocks import Partition
 from curvlab.curvature.model_fn import LogitsFn
 from curvlab.data.batches import Batch
 from curvlab.errors import ConfigError
 
-DEFAULT_PRECONDITIONERS = ("full", "layerwise", "diag", "adam", "kfac", "identity")
+DEFAULT_PRECONDITIONERS = ("full", "layerwise", "diag", "adam", "kfac", "shampoo", "soap", "muon",
+                           "identity")
 DEFAULT_DAMPINGS = (1e-3, 1e-2)
 STEP_GRID = (1.0, 0.71, 0.5, 0.35, 0.25)  # multiples of α* (the paper's line-search grid)
 
@@ -50,8 +52,12 @@ class CompareResult:
     loss / val_loss: ``L(θ)`` on the batches / validation batches; grad_norm ``‖g‖``;
     tokens / val_tokens: target tokens the losses average over; n: coordinates of θ compared.
     off_diagonal: ``‖G − BD(G)‖_F / ‖G‖_F`` (None if not computed).
-    methods: how reference quantities were obtained (``diag``, ``adam``: ``exact`` /
-    ``hutchinson(s probes)`` / ``mixed``; ``kfac``: estimator, samples and covered coordinates).
+    methods: how reference quantities were obtained, in words (``diag``, ``adam``, ``kfac``,
+    ``shampoo``, ``soap``, ``muon``: estimators, samples and covered coordinates).
+    diagonals: per diagonal used (``ggn``: ``diag(G)`` of ``diag`` and K-FAC's other
+    coordinates; ``efisher``: ``diag(F)`` of ``adam`` and of the other coordinates of
+    ``shampoo``/``soap``/``muon``) the estimator and estimated relative error of each block
+    (:class:`~curvlab.compare.per_token.DiagonalInfo`).
     products: operator-vector products (columns) with G and F; partition: the blocks used
     (``None`` when read back from a file).
     """
@@ -70,6 +76,7 @@ class CompareResult:
     off_diagonal: OffDiagonalEnergy | None
     step_grid: tuple[float, ...]
     methods: dict[str, str] = field(default_factory=dict)
+    diagonals: dict[str, DiagonalInfo] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     products: int = 0
     partition: Partition | None = None
@@ -102,10 +109,37 @@ def _dampings(dampings: Sequence[float] | float) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def _method(exact: tuple[bool, ...], probes: int) -> str:
-    if all(exact):
-        return "exact"
-    return f"hutchinson({probes} probes)" if not any(exact) else f"mixed (hutchinson {probes})"
+def _methods(builder: PreconditionerBuilder, names: Sequence[str], blocks: Sequence[str]
+             ) -> tuple[dict[str, str], dict[str, DiagonalInfo]]:
+    """How each reference quantity was obtained: words for the table, per-block diagonal
+    estimators for the file."""
+    methods: dict[str, str] = {}
+    diagonals: dict[str, DiagonalInfo] = {}
+    n = builder.problem.n
+    if "diag" in names or "kfac" in names:
+        diagonals["ggn"] = builder.diag_ggn().info
+        methods["diag"] = "diag(G) per block: " + diagonals["ggn"].describe(blocks)
+    first_order = [m for m in ("adam", "shampoo", "soap", "muon") if m in names]
+    if first_order:
+        diagonals["efisher"] = builder.diag_efisher().info
+        methods["adam"] = (f"diag(F) exact from {diagonals['efisher'].pullbacks:,} per-token "
+                           f"gradients (also the other coordinates of "
+                           f"{', '.join(m for m in first_order if m != 'adam') or '-'})")
+    if "kfac" in names:
+        est = builder.kfac_estimator
+        est += f"({builder.kfac_samples} samples)" if est == "mc" else ""
+        methods["kfac"] = (f"{est}, {len(builder.kfac_factors())} linear layers covering "
+                           f"{builder.kfac_coverage():,} of {n:,} coordinates")
+    for name, mats in (("shampoo", builder.matrices), ("soap", builder.matrices),
+                       ("muon", builder.muon_matrices)):
+        if name in names:
+            shapes = builder.problem.space.shapes
+            covered = sum(shapes[m].numel() for m in mats())
+            what = ("Newton-Schulz (5 steps) on" if name == "muon" else
+                    "per-token Kronecker factors L, R of")
+            methods[name] = (f"{what} {len(mats())} matrices covering {covered:,} of {n:,} "
+                             "coordinates; the rest adam")
+    return methods, diagonals
 
 
 def compare_preconditioners(
@@ -119,9 +153,11 @@ def compare_preconditioners(
     cg_tol: float = 1e-4,
     cg_max_iter: int | None = 1000,
     dense_max: int = 2048,
-    diag_probes: int = 64,
+    diag_exact_max: int = 16384,
+    diag_samples: int = 4,
     kfac_estimator: str = "mc",
     kfac_samples: int = 4,
+    max_precond_dim: int = 10000,
     step_grid: Sequence[float] = STEP_GRID,
     spectrum: bool = True,
     spectrum_steps: int = 60,
@@ -157,10 +193,13 @@ def compare_preconditioners(
     diagonals, eigendecompositions, spectra); larger ones are used through products: CG with
     relative tolerance ``cg_tol`` (at most ``cg_max_iter`` steps; dampings are solved from the
     largest down, each warm-started from the previous solution; the damped model's error is at
-    most ``½ cg_tol² ‖g‖² / λ``), Hutchinson diagonals with
-    ``diag_probes`` probes, randomized energy with ``energy_probes`` probes. ``seed`` fixes all
-    random draws. ``cache`` is the operators' linearization cache (:func:`curvlab.ggn`; on
-    small models ``False`` is faster: tracing the linearization costs more than it saves).
+    most ``½ cg_tol² ‖g‖² / λ``), randomized energy with ``energy_probes`` probes. ``diag(G)``
+    of larger blocks comes from per-token pullbacks (:mod:`curvlab.compare.per_token`): exact
+    when ``N · V <= diag_exact_max``, else ``diag_samples`` Monte-Carlo labels per token;
+    ``diag(F)`` and Shampoo's factors (``max_precond_dim``: larger factors are kept as their
+    diagonals) always from the N per-token gradients. ``seed`` fixes all random draws.
+    ``cache`` is the operators' linearization cache (:func:`curvlab.ggn`; on small models
+    ``False`` is faster: tracing the linearization costs more than it saves).
     Never prints; ``progress`` (if given) receives short status strings.
 
     Raises :class:`~curvlab.errors.ConfigError` for unknown names or bad options and
@@ -181,8 +220,9 @@ def compare_preconditioners(
     problem = Problem(model, batches, blocks, dtype=dtype, device=device, dense_max=dense_max,
                       logits_fn=logits_fn, ignore_index=ignore_index, cache=cache)
     builder = PreconditionerBuilder(problem, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
-                                    diag_probes=diag_probes, kfac_estimator=kfac_estimator,
-                                    kfac_samples=kfac_samples, seed=seed)
+                                    diag_exact_max=diag_exact_max, diag_samples=diag_samples,
+                                    kfac_estimator=kfac_estimator, kfac_samples=kfac_samples,
+                                    max_precond_dim=max_precond_dim, seed=seed)
     val_loss = problem.loss_at(val)
     val_tokens = int(distributed.sum_scalars(  # all ranks' shards under torchrun
         sum(int((b.targets != ignore_index).sum()) for b in val))[0])
@@ -201,7 +241,7 @@ def compare_preconditioners(
             if name == "full":
                 d_full = d
             spec = None
-            if spectrum:
+            if spectrum and pre.linear:
                 spec = preconditioned_spectrum(
                     problem.ggn, pre, lam, steps=spectrum_steps, tol=spectrum_tol,
                     ritz_steps=ritz_steps, ritz_tol=ritz_tol, seed=seed)
@@ -212,24 +252,17 @@ def compare_preconditioners(
     if energy:
         say("off-diagonal energy")
         off = off_diagonal_energy(problem.ggn, probes=energy_probes, seed=seed)
-    methods: dict[str, str] = {}
-    if "diag" in names or "kfac" in names:
-        methods["diag"] = _method(builder.diag_ggn()[1], diag_probes)
-    if "adam" in names:
-        methods["adam"] = _method(builder.diag_efisher()[1], diag_probes)
-    if "kfac" in names:
-        est = kfac_estimator + (f"({kfac_samples} samples)" if kfac_estimator == "mc" else "")
-        methods["kfac"] = (f"{est}, {len(builder.kfac_factors())} linear layers covering "
-                           f"{builder.kfac_coverage()} of {problem.n} coordinates")
+    methods, diagonals = _methods(builder, names, problem.ggn.names)
     return CompareResult(
         blocks=problem.ggn.names, block_sizes=problem.ggn.sizes, preconditioners=names,
         dampings=lams, rows=tuple(rows[(n, lam)] for lam in lams for n in names),
         loss=problem.loss, val_loss=val_loss, grad_norm=float(problem.grad.norm()),
         tokens=problem.num_tokens, val_tokens=val_tokens, n=problem.n, off_diagonal=off,
-        step_grid=grid, methods=methods,
+        step_grid=grid, methods=methods, diagonals=diagonals,
         options=dict(cg_tol=cg_tol, cg_max_iter=cg_max_iter, dense_max=dense_max,
-                     diag_probes=diag_probes, kfac_estimator=kfac_estimator,
-                     kfac_samples=kfac_samples, spectrum_steps=spectrum_steps,
+                     diag_exact_max=diag_exact_max, diag_samples=diag_samples,
+                     kfac_estimator=kfac_estimator, kfac_samples=kfac_samples,
+                     max_precond_dim=max_precond_dim, spectrum_steps=spectrum_steps,
                      spectrum_tol=spectrum_tol, ritz_steps=ritz_steps, ritz_tol=ritz_tol,
                      energy_probes=energy_probes, seed=seed,
                      dtype=str(problem.dtype).removeprefix("torch."),

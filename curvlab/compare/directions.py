@@ -12,8 +12,37 @@ damping and ``BD(G) = blockdiag(G_11, ..., G_bb)`` its block diagonal over the p
                 per-token gradients); here λ plays Adam's ε
 ``kfac``        per ``nn.Linear`` layer ``P = B ⊗ A + λI`` (:mod:`curvlab.compare.kfac`), other
                 coordinates (norms, embeddings, tied heads) ``diag(G) + λ``
+``shampoo``     per matrix ``W [m, c]``: ``P = L^{1/4} ⊗ R^{1/4} + λI`` (so ``d_W ≈
+                −L^{-1/4} G R^{-1/4}``), other coordinates ``adam``
+``soap``        per matrix: ``P = (Q_L ⊗ Q_R) diag(√D + λ) (Q_L ⊗ Q_R)ᵀ``, Adam's diagonal in
+                Shampoo's eigenbasis; other coordinates ``adam``
+``muon``        per hidden matrix ``d_W = −0.2 √max(m, c) · NS(g_W)`` (not a linear P), other
+                coordinates the ``adam`` direction
 ``identity``    ``P = I`` (gradient descent; λ is ignored)
 ==============  =====================================================================
+
+The first-order baselines, on one batch (no moving averages, no momentum):
+
+- ``shampoo`` / ``soap`` (curvlab's ``SOAP`` optimizer, :mod:`curvlab.train.optimizers`):
+  for a matrix parameter ``W [m, c]`` covered whole by one part of the partition, the
+  Kronecker factors of the per-token gradients ``G_n = ∇_W ℓ_n`` (per *token*, as ``diag F``),
+  ``L = (1/(N c)) Σ_n G_n G_nᵀ`` and ``R = (1/(N m)) Σ_n G_nᵀ G_n``
+  (:func:`curvlab.compare.per_token.empirical_statistics`; normalized so that for isotropic
+  per-token gradients ``L^{1/4} ⊗ R^{1/4} = diag(F)^{1/2}``, i.e. λ is in the units of the
+  gradient, as for ``adam``), with eigendecompositions ``L = Q_L diag(w_L) Q_Lᵀ``,
+  ``R = Q_R diag(w_R) Q_Rᵀ``. ``shampoo``: eigenvalues ``w_L^{1/4} w_R^{1/4} + λ`` in that
+  basis. ``soap``: eigenvalues ``√D + λ`` with ``D = (1/N) Σ_n (Q_Lᵀ G_n Q_R)²``, the diagonal
+  of F in the rotated basis (:func:`~curvlab.compare.per_token.rotated_diagonal`); with
+  ``Q = I`` it is ``adam``. A factor with more than ``max_precond_dim`` rows is replaced by its
+  diagonal (identity basis on that side, as the optimizer does). Vectors (norms, biases) and
+  partly covered matrices get ``adam``.
+- ``muon`` (curvlab's ``Muon`` optimizer): for each hidden matrix (2-D parameters inside the
+  transformer blocks, :func:`curvlab.train.hidden_matrices`) covered whole, the orthogonalized
+  gradient by the optimizer's own :func:`curvlab.train.newton_schulz` (5 quintic steps), times
+  the optimizer's ``0.2 √max(m, c)``; on a single batch Muon's first (Nesterov) step is this
+  (Newton-Schulz is scale-invariant). Elsewhere (embeddings, head, vectors) the ``adam``
+  direction ``−g / (diag(F)^{1/2} + λ)``, as the optimizer gives those parameters to AdamW.
+  λ acts only on that side. The map is not linear in g, so it has no spectrum.
 
 How ``P⁻¹`` is applied:
 
@@ -22,11 +51,15 @@ How ``P⁻¹`` is applied:
   (``P⁻¹ v = U (Uᵀ v / (w + λ))``; one decomposition serves every damping), else conjugate
   gradients (:func:`curvlab.linalg.cg`) on ``G`` (``G_bb``) with ``damping=λ`` and relative
   tolerance ``cg_tol``;
-- diagonal and Kronecker preconditioners in closed form (K-FAC through the eigendecompositions
-  of A and B: ``(B ⊗ A + λI)⁻¹ = (U_B ⊗ U_A) (w_B ⊗ w_A + λ)⁻¹ (U_B ⊗ U_A)ᵀ``).
+- diagonal and Kronecker preconditioners in closed form (:class:`EigenbasisPreconditioner`:
+  K-FAC through the eigendecompositions of A and B, ``(B ⊗ A + λI)⁻¹ = (U_B ⊗ U_A)
+  (w_B ⊗ w_A + λ)⁻¹ (U_B ⊗ U_A)ᵀ``, Shampoo and SOAP in the eigenbases of L and R).
 
-``diag(G)`` and ``diag(F)`` are exact where a block is held densely, else Hutchinson estimates
-(:meth:`curvlab.compare.problem.Curvature.diagonal`); an estimate below 0 is clamped to 0.
+``diag(G)`` (:func:`curvlab.compare.per_token.ggn_diagonal`) is the diagonal of the dense block
+where a block is held densely, else exact from per-token root columns of ``diag p − ppᵀ`` when
+their ``N · V`` pullbacks are at most ``diag_exact_max``, else a Monte-Carlo estimate with
+``diag_samples`` labels per token (a sum of squares: never negative, never clamped).
+``diag(F)`` is always exact (one pullback per token).
 
 A singular ``P`` raises :class:`~curvlab.compare.errors.SingularPreconditionerError`: with
 ``λ = 0`` a unit of more than ``N (V − 1)`` coordinates (the rank bound of a GGN over N tokens
@@ -36,17 +69,26 @@ solve that meets a non-positive curvature or does not converge, or a zero diagon
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from curvlab.compare.errors import CompareError, SingularPreconditionerError
-from curvlab.compare.kfac import KFACFactors, kfac_factors, linear_layers
+from curvlab.compare.kfac import KFACFactors, kfac_factors, linear_layers, whole_parameters
+from curvlab.compare.per_token import (
+    DiagonalEstimate,
+    EmpiricalStatistics,
+    empirical_statistics,
+    ggn_diagonal,
+    rotated_diagonal,
+)
 from curvlab.compare.problem import Curvature, Problem
 from curvlab.errors import ConfigError
 from curvlab.linalg import NotPositiveDefiniteError, cg
 
-PRECONDITIONERS = ("full", "layerwise", "diag", "adam", "kfac", "identity")
+PRECONDITIONERS = ("full", "layerwise", "diag", "adam", "kfac", "shampoo", "soap", "muon",
+                   "identity")
 
 
 def check_names(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -85,6 +127,7 @@ class Preconditioner:
     name: str
     damping: float
     info: SolveInfo
+    linear: bool = True  # False: ``solve`` is a nonlinear map of g (muon); no apply/spectrum
 
     def solve(self, v: torch.Tensor, x0: torch.Tensor | None = None,
               tol: float | None = None) -> torch.Tensor:
@@ -218,53 +261,72 @@ class CurvaturePreconditioner(Preconditioner):
         return out
 
 
-class KFACPreconditioner(Preconditioner):
-    """``B ⊗ A + λI`` on each K-FAC layer's (weight, bias) coordinates, ``diag(G) + λ`` on the
-    rest. Coordinates of a layer: its weight row-major ``(o, i)``, then its bias ``o`` (the
-    augmented input column ``i = in``)."""
+@dataclass(frozen=True, eq=False)
+class KroneckerUnit:
+    """``P`` on the coordinates of one matrix: its ``rows x cols`` weight row-major from
+    offset ``weight``, then (``bias`` not None) a bias column of ``rows`` coordinates from
+    offset ``bias``; ``P = (U_left ⊗ U_right) diag(values) (U_left ⊗ U_right)ᵀ`` with
+    orthonormal ``left`` [rows, rows] and ``right`` [cols(+1), cols(+1)] (``None``: the
+    identity) and ``values`` [rows, cols(+1)] (damping included, > 0)."""
 
-    def __init__(self, factors: list[KFACFactors], offsets: dict[str, int], diag: torch.Tensor,
-                 damping: float) -> None:
-        self.name, self.damping = "kfac", float(damping)
-        self.layers = []
-        covered = torch.zeros(diag.shape[0], dtype=torch.bool, device=diag.device)
-        for f in factors:
-            wa, ua = torch.linalg.eigh((f.A + f.A.T) / 2)
-            wb, ub = torch.linalg.eigh((f.B + f.B.T) / 2)
-            wa, wb = wa.clamp(min=0), wb.clamp(min=0)
-            lam = wb[:, None] * wa[None, :] + damping
-            if not bool((lam > 0).all()):
+    weight: int
+    bias: int | None
+    rows: int
+    cols: int
+    left: torch.Tensor | None
+    right: torch.Tensor | None
+    values: torch.Tensor
+
+
+class EigenbasisPreconditioner(Preconditioner):
+    """``P`` block-diagonal over :class:`KroneckerUnit` s (K-FAC, Shampoo, SOAP), ``diag(rest)``
+    on the other coordinates (``rest_values`` [n], damping included; used where no unit
+    covers a coordinate). ``P^p v`` for any power p in closed form."""
+
+    def __init__(self, name: str, units: list[KroneckerUnit], rest_values: torch.Tensor,
+                 damping: float, method: str = "kronecker") -> None:
+        self.name, self.damping, self.units = name, float(damping), units
+        covered = torch.zeros(rest_values.shape[0], dtype=torch.bool, device=rest_values.device)
+        for u in units:
+            if not bool((u.values > 0).all()):
                 raise SingularPreconditionerError(
-                    f"kfac: the Kronecker factors of {f.layer.module!r} are singular at damping "
-                    f"{damping:g}; use a damping > 0")
-            ly = f.layer
-            w0 = offsets[ly.weight]
-            b0 = offsets[ly.bias] if ly.bias else None
-            self.layers.append((ly, w0, b0, ua, ub, lam))
-            covered[w0:w0 + ly.out_features * ly.in_features] = True
-            if b0 is not None:
-                covered[b0:b0 + ly.out_features] = True
+                    f"{name}: the Kronecker factors of a {u.rows}x{u.cols} matrix are singular "
+                    f"at damping {damping:g}; use a damping > 0")
+            covered[u.weight:u.weight + u.rows * u.cols] = True
+            if u.bias is not None:
+                covered[u.bias:u.bias + u.rows] = True
         self.rest = ~covered
-        self.diag = DiagonalPreconditioner("kfac", diag[self.rest], damping)
-        self.info = SolveInfo("kronecker")
+        self.p = rest_values[self.rest]
+        if not bool((self.p > 0).all()):
+            raise SingularPreconditionerError(
+                f"{name} preconditioner is singular ({int((self.p <= 0).sum())} zero diagonal "
+                f"entries at damping {damping:g}); use a damping > 0")
+        self.info = SolveInfo(method)
 
     def _map(self, v: torch.Tensor, power: float) -> torch.Tensor:
         V = _columns(v)
         out = torch.empty_like(V)
-        for ly, w0, b0, ua, ub, lam in self.layers:
-            o, i, k = ly.out_features, ly.in_features, V.shape[1]
-            m = V[w0:w0 + o * i].reshape(o, i, k)
-            if b0 is not None:
-                m = torch.cat([m, V[b0:b0 + o].reshape(o, 1, k)], dim=1)
-            m = m.permute(2, 0, 1)  # [k, out, in(+1)]
-            m = ub @ ((ub.T @ m @ ua) * lam.pow(power)) @ ua.T
+        k = V.shape[1]
+        for u in self.units:
+            o, i = u.rows, u.cols
+            m = V[u.weight:u.weight + o * i].reshape(o, i, k)
+            if u.bias is not None:
+                m = torch.cat([m, V[u.bias:u.bias + o].reshape(o, 1, k)], dim=1)
+            m = m.permute(2, 0, 1)  # [k, rows, cols(+1)]
+            if u.left is not None:
+                m = u.left.T @ m
+            if u.right is not None:
+                m = m @ u.right
+            m = m * u.values.pow(power)
+            if u.right is not None:
+                m = m @ u.right.T
+            if u.left is not None:
+                m = u.left @ m
             m = m.permute(1, 2, 0)
-            out[w0:w0 + o * i] = m[:, :i].reshape(o * i, k)
-            if b0 is not None:
-                out[b0:b0 + o] = m[:, i]
-        rest = V[self.rest]
-        p = self.diag.p[:, None]
-        out[self.rest] = rest * p.pow(power)
+            out[u.weight:u.weight + o * i] = m[:, :i].reshape(o * i, k)
+            if u.bias is not None:
+                out[u.bias:u.bias + o] = m[:, i]
+        out[self.rest] = V[self.rest] * self.p[:, None].pow(power)
         return out if v.ndim == 2 else out[:, 0]
 
     def solve(self, v, x0=None, tol=None):
@@ -281,17 +343,85 @@ class KFACPreconditioner(Preconditioner):
         return True
 
 
+def _eigh(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eigenvalues and eigenvectors of a symmetric PSD factor; eigenvalues below
+    ``d ε max(w)`` (roundoff of a rank-deficient factor, which Shampoo's fourth root would
+    magnify to ``(d ε)^{1/4}`` of the largest) are set to 0. A 1-D factor is a diagonal: its
+    values and ``None`` (the identity basis)."""
+    if factor.ndim == 1:
+        return factor.clamp(min=0), None
+    w, q = torch.linalg.eigh((factor + factor.T) / 2)
+    floor = factor.shape[0] * torch.finfo(w.dtype).eps * w.max().clamp(min=0)
+    return torch.where(w > floor, w, 0.0), q
+
+
+def kfac_preconditioner(factors: list[KFACFactors], offsets: dict[str, int],
+                        diag: torch.Tensor, damping: float) -> EigenbasisPreconditioner:
+    """``B ⊗ A + λI`` on each K-FAC layer's (weight, bias) coordinates, ``diag(G) + λ`` on the
+    rest. Coordinates of a layer: its weight row-major ``(o, i)``, then its bias ``o`` (the
+    augmented input column ``i = in``)."""
+    units = []
+    for f in factors:
+        wa, ua = _eigh(f.A)
+        wb, ub = _eigh(f.B)
+        ly = f.layer
+        units.append(KroneckerUnit(offsets[ly.weight], offsets[ly.bias] if ly.bias else None,
+                                   ly.out_features, ly.in_features, ub, ua,
+                                   wb[:, None] * wa[None, :] + damping))
+    return EigenbasisPreconditioner("kfac", units, diag + damping, damping)
+
+
+class MuonDirection(Preconditioner):
+    """Muon's direction map (module docstring): ``solve(g)`` returns, per hidden matrix unit
+    ``(offset, rows, cols)``, ``0.2 √max(rows, cols) · NS(g_W)`` and ``g / adam`` elsewhere
+    (``adam`` the damped ``diag(F)^{1/2} + λ``). Not linear: no ``apply`` or ``inv_sqrt``."""
+
+    linear = False
+
+    def __init__(self, units: list[tuple[int, int, int]], adam: torch.Tensor,
+                 damping: float, steps: int = 5) -> None:
+        from curvlab.train import newton_schulz  # the optimizer's own iteration
+
+        self.name, self.damping, self.units, self.steps = "muon", float(damping), units, steps
+        self.ns = newton_schulz
+        self.adam = adam
+        if not bool((adam > 0).all()):
+            raise SingularPreconditionerError(
+                f"muon: the Adam side is singular at damping {damping:g}; use a damping > 0")
+        self.info = SolveInfo("newton-schulz")
+
+    def solve(self, v, x0=None, tol=None):
+        if v.ndim != 1:
+            raise CompareError("muon's direction map takes one vector")
+        out = v / self.adam
+        for off, rows, cols in self.units:
+            m = v[off:off + rows * cols].reshape(rows, cols)
+            scale = 0.2 * math.sqrt(max(rows, cols))
+            out[off:off + rows * cols] = scale * self.ns(m, self.steps).reshape(-1)
+        return out
+
+    def apply(self, v):
+        raise CompareError("muon is not a linear preconditioner (no P to apply)")
+
+
 class PreconditionerBuilder:
     """Builds preconditioners for one :class:`Problem`, computing each reference quantity once
-    (``diag(G)``, ``diag(F)``, the K-FAC factors) and reusing it for every damping."""
+    (``diag(G)``, ``diag(F)`` and the Kronecker factors of the per-token gradients, SOAP's
+    rotated diagonal, the K-FAC factors) and reusing it for every damping."""
 
     def __init__(self, problem: Problem, *, cg_tol: float = 1e-6, cg_max_iter: int | None = None,
-                 diag_probes: int = 64, kfac_estimator: str = "mc", kfac_samples: int = 4,
-                 seed: int = 0) -> None:
+                 diag_exact_max: int = 16384, diag_samples: int = 4,
+                 kfac_estimator: str = "mc", kfac_samples: int = 4,
+                 max_precond_dim: int = 10000, seed: int = 0) -> None:
+        if diag_exact_max < 0 or diag_samples < 1:
+            raise ConfigError("diag_exact_max must be >= 0 and diag_samples >= 1")
+        if max_precond_dim < 1:
+            raise ConfigError("max_precond_dim must be >= 1")
         self.problem = problem
         self.cg_tol, self.cg_max_iter = cg_tol, cg_max_iter
-        self.diag_probes, self.seed = diag_probes, seed
+        self.diag_exact_max, self.diag_samples, self.seed = diag_exact_max, diag_samples, seed
         self.kfac_estimator, self.kfac_samples = kfac_estimator, kfac_samples
+        self.max_precond_dim = max_precond_dim
         self._cache: dict[str, object] = {}
 
     def _once(self, key: str, fn):
@@ -299,19 +429,40 @@ class PreconditionerBuilder:
             self._cache[key] = fn()
         return self._cache[key]
 
-    def diag_ggn(self) -> tuple[torch.Tensor, tuple[bool, ...]]:
-        """``diag(G)`` clamped at 0 and per block whether it is exact (else Hutchinson)."""
-        def f():
-            d, exact = self.problem.ggn.diagonal(self.diag_probes, self.seed)
-            return d.clamp(min=0), exact
-        return self._once("diag", f)
+    def diag_ggn(self) -> DiagonalEstimate:
+        """``diag(G)``: dense, exact or Monte-Carlo per block
+        (:func:`curvlab.compare.per_token.ggn_diagonal`)."""
+        return self._once("diag", lambda: ggn_diagonal(
+            self.problem, exact_max=self.diag_exact_max, samples=self.diag_samples,
+            seed=self.seed))
 
-    def diag_efisher(self) -> tuple[torch.Tensor, tuple[bool, ...]]:
-        """``diag(F)`` of the empirical Fisher, clamped at 0, and per block whether exact."""
-        def f():
-            d, exact = self.problem.efisher().diagonal(self.diag_probes, self.seed + 1)
-            return d.clamp(min=0), exact
-        return self._once("efisher", f)
+    def matrices(self) -> dict[str, int]:
+        """2-D parameters covered whole by one part of the partition -> their offsets (the
+        matrices of ``shampoo``, ``soap``; ``muon`` takes the hidden ones)."""
+        p = self.problem
+        return {name: off for name, off in whole_parameters(p.space).items()
+                if len(p.space.shapes[name]) == 2}
+
+    def empirical(self) -> EmpiricalStatistics:
+        """``diag(F)`` and the Kronecker factors of :meth:`matrices` (one per-token pass)."""
+        return self._once("empirical", lambda: empirical_statistics(
+            self.problem, list(self.matrices()), max_dim=self.max_precond_dim))
+
+    def diag_efisher(self) -> DiagonalEstimate:
+        """``diag(F)`` of the empirical Fisher, exact (per-token gradients)."""
+        return self.empirical().diagonal
+
+    def kronecker_eigen(self) -> dict[str, tuple[tuple[torch.Tensor, torch.Tensor | None],
+                                                 tuple[torch.Tensor, torch.Tensor | None]]]:
+        """Per matrix the eigendecompositions ``((w_L, Q_L), (w_R, Q_R))`` of its factors."""
+        return self._once("eigen", lambda: {
+            m: (_eigh(left), _eigh(right))
+            for m, (left, right) in self.empirical().factors.items()})
+
+    def soap_diagonal(self) -> dict[str, torch.Tensor]:
+        """SOAP's ``D`` per matrix (:func:`curvlab.compare.per_token.rotated_diagonal`)."""
+        return self._once("soap", lambda: rotated_diagonal(self.problem, {
+            m: (el[1], er[1]) for m, (el, er) in self.kronecker_eigen().items()}))
 
     def kfac_factors(self) -> list[KFACFactors]:
         def f():
@@ -322,6 +473,30 @@ class PreconditionerBuilder:
                                 seed=self.seed, logits_fn=p.logits_fn,
                                 ignore_index=p.ignore_index)
         return self._once("kfac", f)
+
+    def _adam(self, damping: float) -> torch.Tensor:
+        return self.diag_efisher().values.sqrt() + damping
+
+    def _kronecker(self, name: str, damping: float) -> EigenbasisPreconditioner:
+        units = []
+        offsets = self.matrices()
+        soap = self.soap_diagonal() if name == "soap" else None
+        for m, ((wl, ql), (wr, qr)) in self.kronecker_eigen().items():
+            rows, cols = self.problem.space.shapes[m]
+            if soap is not None:
+                values = soap[m].sqrt() + damping
+            else:
+                values = wl.pow(0.25)[:, None] * wr.pow(0.25)[None, :] + damping
+            units.append(KroneckerUnit(offsets[m], None, rows, cols, ql, qr, values))
+        return EigenbasisPreconditioner(name, units, self._adam(damping), damping)
+
+    def muon_matrices(self) -> dict[str, int]:
+        """Muon's matrices: hidden 2-D parameters (inside the transformer blocks) covered whole
+        by one part of the partition -> their offsets."""
+        from curvlab.train import hidden_matrices
+
+        hidden = set(hidden_matrices(self.problem.model))
+        return {m: off for m, off in self.matrices().items() if m in hidden}
 
     def make(self, name: str, damping: float) -> Preconditioner:
         """The preconditioner ``name`` (see :data:`PRECONDITIONERS`) at damping ``damping``."""
@@ -334,14 +509,20 @@ class PreconditionerBuilder:
                                            rank_bound=p.rank_bound, cg_tol=self.cg_tol,
                                            cg_max_iter=self.cg_max_iter)
         if name == "diag":
-            return DiagonalPreconditioner("diag", self.diag_ggn()[0], damping)
+            return DiagonalPreconditioner("diag", self.diag_ggn().values, damping)
         if name == "adam":
-            return DiagonalPreconditioner("adam", self.diag_efisher()[0].sqrt(), damping)
+            return DiagonalPreconditioner("adam", self.diag_efisher().values.sqrt(), damping)
         if name == "identity":
             ones = torch.ones(p.n, dtype=p.dtype, device=p.device)
             return DiagonalPreconditioner("identity", ones, 0.0, method="identity")
+        if name in ("shampoo", "soap"):
+            return self._kronecker(name, damping)
+        if name == "muon":
+            units = [(off, *p.space.shapes[m]) for m, off in self.muon_matrices().items()]
+            return MuonDirection(units, self._adam(damping), damping)
         offsets = {name: off for name, start, _, off in p.space.segments if start == 0}
-        return KFACPreconditioner(self.kfac_factors(), offsets, self.diag_ggn()[0], damping)
+        return kfac_preconditioner(self.kfac_factors(), offsets, self.diag_ggn().values,
+                                   damping)
 
     def kfac_coverage(self) -> int:
         """Coordinates covered by K-FAC layers (the rest use ``diag(G)``)."""

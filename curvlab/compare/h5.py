@@ -13,6 +13,10 @@
                              [P, D] str solve_method / spectrum_method ("" = not computed),
                              [P, D, S] val_steps / val_losses,
                              [P, D, B] block_grad_dot / block_curvature / block_own_curvature
+    /compare/<k>/diagonals/<q>  q = ggn (diag G: diag, kfac) / efisher (diag F: adam, shampoo,
+                             soap, muon), where used: [B] str estimators (dense / exact / mc),
+                             [B] float64 rel_errors; attrs samples (MC labels per token, 0 if
+                             none), pullbacks (per-token VJPs)
 
 Row p, column j of every [P, D] array is preconditioner ``preconditioners[p]`` at damping
 ``dampings[j]``. Only :mod:`h5py` and numpy are needed to read it.
@@ -34,6 +38,7 @@ from curvlab.compare.api import CheckpointComparison, CompareResult
 from curvlab.compare.directions import SolveInfo
 from curvlab.compare.errors import CompareError
 from curvlab.compare.metrics import DirectionMetrics, OffDiagonalEnergy, Spectrum
+from curvlab.compare.per_token import DiagonalInfo
 
 STR = h5py.string_dtype()
 # [P, D] float64 datasets: name -> how it is computed from a DirectionMetrics
@@ -126,6 +131,12 @@ def write_compare(target: Any, results: CompareResult | CheckpointComparison
         for name in ("val_steps", "val_losses", *PER_BLOCK):
             g.create_dataset(name, data=_grid(r, lambda x, n=name: list(getattr(x, n)))
                              .astype(np.float64))
+        for q, info in r.diagonals.items():
+            d = g.create_group(f"diagonals/{q}")
+            d.create_dataset("estimators", data=np.array(info.estimators, dtype=object),
+                             dtype=STR)
+            d.create_dataset("rel_errors", data=np.array(info.rel_errors, dtype=np.float64))
+            d.attrs.update(samples=np.int64(info.samples), pullbacks=np.int64(info.pullbacks))
     if hasattr(target, "flush"):
         target.flush()
     elif hasattr(f, "flush"):
@@ -155,7 +166,11 @@ def read_compare(source: str | os.PathLike | h5py.File | h5py.Group
     out = []
     for k in range(int(root.attrs["count"])):
         g = root[str(k)]
-        a = {key: g[key][()] for key in g}
+        a = {key: g[key][()] for key in g if isinstance(g[key], h5py.Dataset)}
+        diagonals = {q: DiagonalInfo(tuple(str(x) for x in d["estimators"].asstr()[()]),
+                                     tuple(float(x) for x in d["rel_errors"][()]),
+                                     int(d.attrs["samples"]), int(d.attrs["pullbacks"]))
+                     for q, d in g.get("diagonals", {}).items()}
         smeth = g["spectrum_method"].asstr()[()]
         vmeth = g["solve_method"].asstr()[()]
         rows = []
@@ -183,6 +198,6 @@ def read_compare(source: str | os.PathLike | h5py.File | h5py.Group
             blocks, sizes, names, dampings, tuple(rows), float(g.attrs["loss"]),
             float(g.attrs["val_loss"]), float(g.attrs["grad_norm"]), int(g.attrs["tokens"]),
             int(g.attrs["val_tokens"]), int(g.attrs["n"]), off, grid,
-            json.loads(g.attrs["methods"]), options, int(g.attrs["products"]))
+            json.loads(g.attrs["methods"]), diagonals, options, int(g.attrs["products"]))
         out.append(CheckpointComparison(str(g.attrs["checkpoint"]), int(g.attrs["step"]), result))
     return tuple(out)

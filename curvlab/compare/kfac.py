@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from curvlab import distributed
-from curvlab.curvature.logit_space import sample_labels
+from curvlab.curvature.logit_space import sample_labels, token_columns, token_cotangents
 from curvlab.curvature.model_fn import LogitsFn, default_logits_fn
 from curvlab.curvature.space import BlockSpace
 from curvlab.data.batches import Batch
@@ -76,18 +76,25 @@ class KFACFactors:
     tokens: int
 
 
+def whole_parameters(space: BlockSpace) -> dict[str, int]:
+    """Parameters that one part of the partition covers whole: name -> offset of their first
+    coordinate (their elements follow row-major)."""
+    count: dict[str, int] = {}
+    whole: dict[str, int] = {}
+    for name, start, stop, offset in space.segments:
+        count[name] = count.get(name, 0) + 1
+        if start == 0 and stop == space.shapes[name].numel():
+            whole[name] = offset
+    return {name: off for name, off in whole.items() if count[name] == 1}
+
+
 def linear_layers(model: nn.Module, space: BlockSpace) -> list[LinearLayer]:
     """The ``nn.Linear`` modules K-FAC applies to: the weight is a parameter under the module's
     own name (tied weights, e.g. GPT's LM head sharing the embedding, are excluded), covered
     whole by one part of the partition; a bias is included when covered whole, and a bias
     covered only in part excludes the layer. Everything else is left to a diagonal."""
-    whole: dict[str, int] = {}
-    seen: dict[str, int] = {}
-    for name, start, stop, _ in space.segments:
-        seen[name] = seen.get(name, 0) + 1
-        if start == 0 and stop == space.shapes[name].numel():
-            whole[name] = 1
-    is_whole = {n for n in whole if seen[n] == 1}
+    seen = {name for name, *_ in space.segments}
+    is_whole = whole_parameters(space)
     out = []
     for mname, module in model.named_modules():
         if type(module) is not nn.Linear:
@@ -167,8 +174,12 @@ def kfac_factors(
             targets = batch.targets.reshape(-1)
             mask = (targets != ignore_index).to(dtype)
             p = torch.softmax(z.detach(), dim=-1)
-            for cot in _cotangents(p, mask / total, estimator, samples, gen, chunk,
-                                   batch.token_range):
+            if estimator == "exact":  # root columns of diag p − ppᵀ, one token at a time
+                cots = token_cotangents(p, mask / total, *token_columns(
+                    p, targets, kind="exact", ignore_index=ignore_index), chunk=chunk)
+            else:
+                cots = _mc_cotangents(p, mask / total, samples, gen, chunk, batch.token_range)
+            for cot in cots:
                 grads = torch.autograd.grad(z, [q for _, q in probes], grad_outputs=cot,
                                             retain_graph=True, is_grads_batched=True)
                 for (name, _), g in zip(probes, grads):
@@ -198,27 +209,14 @@ def kfac_factors(
     return out
 
 
-def _cotangents(p: torch.Tensor, weight: torch.Tensor, estimator: str, samples: int,
-                gen: torch.Generator, chunk: int, token_range: tuple[int, int] | None = None):
-    """Batches ``[k, N, V]`` of logit cotangents ``u`` whose outer products average (MC) or sum
-    (exact) to ``Σ_n weight_n² (diag p_n − p_n p_nᵀ)`` per token, without cross-token terms in
-    expectation (MC) or at all (exact)."""
-    n, v = p.shape
+def _mc_cotangents(p: torch.Tensor, weight: torch.Tensor, samples: int, gen: torch.Generator,
+                   chunk: int, token_range: tuple[int, int] | None = None):
+    """Batches ``[k, N, V]`` of logit cotangents ``u = weight (p − e_ŷ)`` over all tokens at
+    once, ``samples`` label draws: ``E[u uᵀ] = Σ_n weight_n² (diag p_n − p_n p_nᵀ)`` per token;
+    cross-token terms vanish in expectation (independent zero-mean labels)."""
+    v = p.shape[1]
     w = weight[:, None]
-    if estimator == "mc":
-        labels = sample_labels(p, samples, gen, token_range)  # [samples, N]
-        for s in range(0, samples, chunk):
-            onehot = nn.functional.one_hot(labels[s:s + chunk], v).to(p.dtype)
-            yield (p[None] - onehot) * w[None]
-        return
-    rows = torch.nonzero(weight != 0).flatten()
-    tok = rows.repeat_interleave(v)
-    cls = torch.arange(v, device=p.device).repeat(len(rows))
-    for s in range(0, len(tok), chunk):
-        i, c = tok[s:s + chunk], cls[s:s + chunk]
-        k = torch.arange(len(i), device=p.device)
-        root = p[i, c].sqrt() * weight[i]
-        u = p.new_zeros(len(i), n, v)
-        u[k, i] = -root[:, None] * p[i]
-        u[k, i, c] += root
-        yield u
+    labels = sample_labels(p, samples, gen, token_range)  # [samples, N]
+    for s in range(0, samples, chunk):
+        onehot = nn.functional.one_hot(labels[s:s + chunk], v).to(p.dtype)
+        yield (p[None] - onehot) * w[None]

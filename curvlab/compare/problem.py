@@ -7,7 +7,8 @@ of that loss (:func:`curvlab.ggn`) and ``g = ∇L`` in the same coordinates.
 
 :class:`Curvature` wraps a curvature operator and caches what is small enough to hold densely:
 the whole matrix when ``n <= dense_max``, each diagonal block ``C_bb`` when ``n_b <= dense_max``,
-and their eigendecompositions. Larger pieces are only ever used through products.
+and their eigendecompositions. Larger pieces are only ever used through products (diagonals
+of those come from per-token pullbacks: :mod:`curvlab.compare.per_token`).
 """
 
 from __future__ import annotations
@@ -114,33 +115,6 @@ class Curvature:
     def blockdiag_matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``blockdiag(C_11, ..., C_bb) v``."""
         return torch.cat([self.block_matvec(i, v[self.slice(i)]) for i in range(len(self.names))])
-
-    def diagonal(self, probes: int, seed: int, chunk: int = 16
-                 ) -> tuple[torch.Tensor, tuple[bool, ...]]:
-        """``diag(C)`` and, per block, whether it is exact.
-
-        Exact for blocks with a dense ``C_ii`` (``n_i <= dense_max``); elsewhere the
-        Hutchinson-style estimate ``(1/s) Σ_k z_k ⊙ C z_k`` with ``s = probes`` Rademacher
-        vectors ``z_k`` over all n coordinates, drawn on the CPU in float64 from ``seed``
-        (unbiased; ``Var = (1/s) Σ_{j≠i} C_ij²`` per entry). Estimates may be negative.
-        """
-        exact = tuple(self.block(i) is not None for i in range(len(self.names)))
-        est = None
-        if not all(exact):
-            if probes < 1:
-                raise ConfigError("a Hutchinson diagonal estimate needs at least 1 probe")
-            gen = torch.Generator().manual_seed(seed)
-            est = torch.zeros(self.n, dtype=self.dtype, device=self.device)
-            for k in range(0, probes, chunk):  # at most `chunk` probe vectors in memory
-                size = (self.n, min(chunk, probes - k))
-                z = torch.randint(0, 2, size, generator=gen, dtype=torch.float64) * 2 - 1
-                z = z.to(dtype=self.dtype, device=self.device)
-                est += (z * self.matvec(z)).sum(dim=1) / probes
-        parts = []
-        for i in range(len(self.names)):
-            b = self.block(i)
-            parts.append(b.diagonal() if b is not None else est[self.slice(i)])
-        return torch.cat(parts), exact
 
 
 def as_batch_list(batches: Batch | Sequence[Batch]) -> list[Batch]:

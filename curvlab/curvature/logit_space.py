@@ -10,9 +10,19 @@ N non-ignored target tokens (of all batches that form the loss), the per-token m
 
 Ignored tokens have ``M_n = 0``. Products are computed in chunks of tokens so that a large
 vocabulary does not need several ``[N, V]`` temporaries at once.
+
+Square-root factors (:func:`token_columns`, :func:`token_cotangents`): every per-token matrix
+above is a sum of outer products of vectors ``a (e_c − p_n)``:
+``diag p − p pᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ`` (the *root columns*, V per token),
+``g_n g_nᵀ`` (one column, the true label ``c = y_n``) and its Monte-Carlo version (``K``
+sampled labels, ``a = 1/√K``). A cotangent that is one such column at one token, pulled back
+through the network (one VJP), gives that token's contribution to a diagonal or a Kronecker
+factor without any cross-token term.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -115,3 +125,59 @@ def sample_labels(
         out.append(idx.clamp_(max=probs.shape[-1] - 1))
     labels = torch.cat(out) if out else u.new_zeros(0, samples, dtype=torch.long)
     return labels.T.contiguous().to(probs.device)
+
+
+TOKEN_COLUMNS = ("exact", "mc", "empirical")
+
+
+def token_columns(
+    probs: torch.Tensor, targets: torch.Tensor, *, kind: str, ignore_index: int = -100,
+    samples: int = 1, generator: torch.Generator | None = None,
+    token_range: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Columns ``a_k (e_{c_k} − p_{i_k})`` at tokens ``i_k`` whose outer products sum to a
+    per-token logit-space matrix: ``(tokens, classes, coef)``, each of shape ``[K]``.
+
+    - ``exact``: every class of every token, ``a = √p_c``: ``Σ_k = diag p_n − p_n p_nᵀ``
+      (V columns per token);
+    - ``mc``: ``samples`` labels ``ŷ ~ p_n`` per token (:func:`sample_labels`, so a row shard
+      draws what the whole batch draws), ``a = 1/√samples``: ``E[Σ_k] = diag p_n − p_n p_nᵀ``;
+    - ``empirical``: the true label, ``a = 1``: ``Σ_k = g_n g_nᵀ``, ``g_n = p_n − e_{y_n}``.
+
+    Ignored tokens get no column. ``probs`` ``[N, V]`` (a softmax), ``targets`` ``[N]``.
+    """
+    if kind not in TOKEN_COLUMNS:
+        raise ValueError(f"unknown column kind {kind!r}; expected one of {TOKEN_COLUMNS}")
+    n, v = probs.shape
+    keep = targets != ignore_index
+    rows = torch.nonzero(keep).flatten()
+    if kind == "exact":
+        tokens = rows.repeat_interleave(v)
+        classes = torch.arange(v, device=probs.device).repeat(len(rows))
+        return tokens, classes, probs[tokens, classes].sqrt()
+    if kind == "empirical":
+        return rows, targets[rows], probs.new_ones(len(rows))
+    labels = sample_labels(probs, samples, generator, token_range)  # [samples, N]
+    keep_s = keep[None].expand(samples, n)
+    tokens = torch.arange(n, device=probs.device)[None].expand(samples, n)[keep_s]
+    return tokens, labels[keep_s], probs.new_full((len(tokens),), samples ** -0.5)
+
+
+def token_cotangents(
+    probs: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, classes: torch.Tensor,
+    coef: torch.Tensor, chunk: int = 64,
+) -> Iterator[torch.Tensor]:
+    """Batches ``[k, N, V]`` of logit cotangents, cotangent ``j`` equal to
+    ``weight_i a_j (e_c − p_i)`` at token ``i = tokens[j]`` (``c = classes[j]``, ``a = coef[j]``)
+    and zero at every other token (columns from :func:`token_columns`; ``weight`` ``[N]``, e.g.
+    ``1/N_total`` for the mean loss). Sums of outer products of their pullbacks ``Jᵀu`` hold
+    no cross-token terms."""
+    n, v = probs.shape
+    for s in range(0, len(tokens), max(1, chunk)):
+        i, c = tokens[s:s + chunk], classes[s:s + chunk]
+        k = torch.arange(len(i), device=probs.device)
+        root = coef[s:s + chunk] * weight[i]
+        u = probs.new_zeros(len(i), n, v)
+        u[k, i] = -root[:, None] * probs[i]
+        u[k, i, c] += root
+        yield u
