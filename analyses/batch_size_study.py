@@ -97,7 +97,8 @@ def _config(s: Settings, warm: Path, out: Path, method: str, lr: float, batches:
     per_step = (dict(inner_steps=batches, inner_lr=lr) if gn
                 else dict(lr=lr, grad_accum=batches))
     return TrainConfig(optimizer=method, init=str(warm), resume=True, out=str(out),
-                       max_steps=s.outer_steps, **per_step, **_common(s), **changes)
+                       max_steps=s.outer_steps, checkpoint_every=10, **per_step, **_common(s),
+                       **changes)
 
 
 def _train_one(job: tuple[dict, dict]) -> dict | None:
