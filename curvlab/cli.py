@@ -32,14 +32,22 @@ def cli(debug: bool) -> None:
 @click.option("--seq-len", type=int, help="Override the preset's sequence length.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initialization seed.")
 @click.option("--data", "data_source", default="default", show_default=True,
-              help="Data source recorded in the checkpoint (default corpus, text file, .bin).")
+              help="Data source recorded in the checkpoint (default corpus, text file, "
+                   ".jsonl, .parquet, folder, .bin, .npy).")
+@click.option("--tokenizer", default="auto", show_default=True,
+              help="Tokenizer of the model, recorded in the checkpoint: auto (byte), byte, "
+                   "or PATH (tokenizer folder or tokenizer.json).")
+@click.option("--text-field", default=None, help="jsonl field / Parquet column of the text "
+                                                 "[text].")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
               help="Checkpoint file to write.")
 def init(preset_name: str, vocab_size: int | None, seq_len: int | None, seed: int,
-         data_source: str, out: str) -> None:
+         data_source: str, tokenizer: str, text_field: str | None, out: str) -> None:
     """Build a freshly initialized model from a preset and save it as a checkpoint."""
     config = curvlab.preset(preset_name, vocab_size=vocab_size, seq_len=seq_len)
-    spec = curvlab.DataSpec(source=data_source, seq_len=config.seq_len, seed=seed)
+    spec = curvlab.DataSpec(source=data_source, seq_len=config.seq_len, seed=seed,
+                            tokenizer=tokenizer, text_field=text_field or "text")
+    spec = curvlab.data.bind_tokenizer(spec, vocab_size=config.vocab_size)
     curvlab.BatchStream(spec).check_vocab(config.vocab_size)
     model = curvlab.build_model(config, seed=seed)
     path = curvlab.save_checkpoint(
@@ -129,7 +137,13 @@ def _float_list(text: str | None, option: str) -> tuple[float, ...] | None:
 @click.option("--init", "init_path", type=click.Path(dir_okay=False), default=None,
               help="Start from this checkpoint (e.g. a shared AdamW warm-up).")
 @click.option("--data", "data_source", default=None,
-              help="Data source: 'default', a text file, a nanoGPT .bin file or folder.")
+              help="Data source: 'default', a text file, .jsonl, .parquet, a folder of .txt, "
+                   "a token file (.bin, .npy) or a train/val folder.")
+@click.option("--tokenizer", default=None,
+              help="Tokenizer of text data: auto (the --init checkpoint's, else byte), byte, "
+                   "or PATH (a tokenizer folder or tokenizer.json) [auto].")
+@click.option("--text-field", default=None,
+              help="jsonl field / Parquet column holding the text [text].")
 @click.option("--seq-len", type=int, default=None,
               help="Tokens per sequence (default: the --init checkpoint's data, else the "
                    "model's).")
@@ -154,9 +168,14 @@ def _float_list(text: str | None, option: str) -> tuple[float, ...] | None:
               help="GN: start each inner solve from the previous one, keeping the inner "
                    "optimizer's state [on].")
 @click.option("--line-search", "line_search_grid", default=None,
-              help="GN: step sizes tried along the direction [1,0.71,0.5,0.35,0.25].")
+              help="GN: explicit step sizes tried along the direction, e.g. 1,0.5,0.25 "
+                   "[1/sqrt(2)^i, i < --line-search-range].")
+@click.option("--line-search-range", type=int, default=None,
+              help="GN: number R of step sizes 1/sqrt(2)^i, i < R [5; layerwise 10].")
 @click.option("--line-search-batches", type=int, default=None,
-              help="GN: fresh micro-batches scoring each step size [1].")
+              help="GN: fresh micro-batches scoring each step size [--inner-steps].")
+@click.option("--no-line-search", is_flag=True,
+              help="GN: take the whole step (1), score nothing (the ablation).")
 @click.option("--damping", type=float, default=None,
               help="GN: Levenberg-Marquardt damping λ of the inner problem [0].")
 @click.option("--schedule", default=None,
@@ -183,9 +202,10 @@ def _float_list(text: str | None, option: str) -> tuple[float, ...] | None:
 def train(optimizer, preset_name, init_path, data_source, seq_len, micro_batch_size, seed, lr,
           grad_accum, betas, weight_decay, grad_clip, momentum, precondition_frequency,
           inner_optimizer, inner_steps, inner_lr, warm_start, line_search_grid,
-          line_search_batches, damping, schedule, warmup_steps, ema_decay, max_steps,
+          line_search_range, line_search_batches, no_line_search, damping, schedule,
+          warmup_steps, ema_decay, max_steps,
           target_loss, eval_every, eval_batches, checkpoint_every, out, resume, device, dtype,
-          progress) -> None:
+          progress, tokenizer=None, text_field=None) -> None:
     """Train with AdamW, Muon, SOAP or (layerwise) Gauss-Newton, writing checkpoints that the
     analysis commands read."""
     from curvlab.train import TrainConfig
@@ -193,12 +213,14 @@ def train(optimizer, preset_name, init_path, data_source, seq_len, micro_batch_s
 
     given = dict(
         optimizer=optimizer, preset=preset_name, init=init_path, data=data_source,
+        tokenizer=tokenizer, text_field=text_field,
         seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed, lr=lr,
         grad_accum=grad_accum, betas=_float_list(betas, "--betas"), weight_decay=weight_decay,
         grad_clip=grad_clip, momentum=momentum, precondition_frequency=precondition_frequency,
         inner_optimizer=inner_optimizer, inner_steps=inner_steps, inner_lr=inner_lr,
         warm_start=warm_start, line_search=_float_list(line_search_grid, "--line-search"),
-        line_search_batches=line_search_batches, damping=damping, schedule=schedule,
+        line_search_range=line_search_range, line_search_batches=line_search_batches,
+        use_line_search=False if no_line_search else None, damping=damping, schedule=schedule,
         warmup_steps=warmup_steps, ema_decay=ema_decay, max_steps=max_steps,
         target_loss=target_loss, eval_every=eval_every, eval_batches=eval_batches,
         checkpoint_every=checkpoint_every, out=out, resume=resume, device=device, dtype=dtype,
@@ -225,8 +247,15 @@ def data_options(f):
     """The data options shared by the analysis commands (defaults from the checkpoint)."""
     options = [
         click.option("--data", "data_source", default=None,
-                     help="Data source: 'default', a text file, a nanoGPT .bin file or folder "
-                          "(default: the checkpoint's)."),
+                     help="Data source: 'default', a text file, .jsonl, .parquet, a folder of "
+                          ".txt, a token file (.bin, .npy) or a train/val folder (default: the "
+                          "checkpoint's)."),
+        click.option("--tokenizer", default=None,
+                     help="Tokenizer of text sources: auto (the model's: a Hugging Face "
+                          "folder's own, a checkpoint's recorded one), byte, or PATH (a "
+                          "tokenizer folder or tokenizer.json) [auto]."),
+        click.option("--text-field", default=None,
+                     help="jsonl field / Parquet column holding the text [text]."),
         click.option("--batch-size", type=int, default=None,
                      help="Sequences per batch (default: the checkpoint's, else 8)."),
         click.option("--seq-len", type=int, default=None,
@@ -237,8 +266,10 @@ def data_options(f):
                                                             "checkpoint's, else 0)."),
         click.option("--windows", type=click.Choice(["random", "contiguous"]), default=None,
                      help="Random windows (seeded) or contiguous windows of the token stream."),
-        click.option("--split", type=click.Choice(["train", "val"]), default="train",
-                     show_default=True, help="Which data split the batches come from."),
+        click.option("--split", type=click.Choice(["train", "val", "all"]), default="train",
+                     show_default=True,
+                     help="Which data split the batches come from (all: the whole source, "
+                          "e.g. a held-out file)."),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -246,8 +277,13 @@ def data_options(f):
 
 
 def load_analysis_inputs(checkpoint: str, data_source, batch_size, seq_len, num_batches, seed,
-                         windows, split, dtype: str | None = None, device: str | None = None):
-    """Load a checkpoint and the analysis batches its data options describe."""
+                         windows, split, dtype: str | None = None, device: str | None = None,
+                         tokenizer: str | None = None, text_field: str | None = None):
+    """Load a checkpoint and the analysis batches its data options describe.
+
+    The tokenizer of text sources is resolved for the model (``--tokenizer auto``, see
+    :func:`curvlab.data.bind_tokenizer`); notes on the data (a split cut from one file) are
+    appended to ``info.notes``."""
     import torch
 
     torch_dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[dtype]
@@ -256,11 +292,21 @@ def load_analysis_inputs(checkpoint: str, data_source, batch_size, seq_len, num_
     base = dict(info.data)
     base.setdefault("seq_len", min(info.seq_len, 64))
     spec = curvlab.data.analysis_spec(base, source=data_source, batch_size=batch_size,
-                                      seq_len=seq_len, seed=seed, windows=windows)
+                                      seq_len=seq_len, seed=seed, windows=windows,
+                                      tokenizer=tokenizer, text_field=text_field)
     if spec.seq_len > info.seq_len and info.learned_positions:
         raise curvlab.errors.DataError(
             f"--seq-len {spec.seq_len} exceeds the model's {info.seq_len} positions")
+    auto = curvlab.data.auto_tokenizer(info.kind, checkpoint, info.data)
+    spec = curvlab.data.bind_tokenizer(spec, auto, info.vocab_size)
     batches = curvlab.data.analysis_batches(spec, num_batches, info.vocab_size, split)
+    corpus = spec.corpus()
+    if split != "all" and corpus.val_fraction is not None and spec.source != "default":
+        part = corpus.split(split)
+        info.notes.append(
+            f"{spec.source} is one stream: --split {split} uses "
+            f"{'its first' if split == 'train' else 'its last'} "
+            f"{len(part):,} of {corpus.num_tokens:,} tokens; --split all uses all of them")
     if distributed.active():  # every rank: the same model, its rows of every batch
         distributed.check_same("model", {"checkpoint": checkpoint,
                                          "checksum": _param_checksum(model)})
@@ -279,7 +325,7 @@ def _param_checksum(model) -> str:
               help="Blocks to check (preset or globs/slices; default: a few small blocks).")
 @data_options
 def verify(checkpoint, block_specs, data_source, batch_size, seq_len, num_batches, seed,
-           windows, split) -> None:
+           windows, split, tokenizer, text_field) -> None:
     """Check the curvature operators against double backward, finite differences and an
     explicit Jacobian, in float64. Without CHECKPOINT: on tiny LLaMA and GPT models."""
     from curvlab.curvature.blocks import partition
@@ -297,7 +343,7 @@ def verify(checkpoint, block_specs, data_source, batch_size, seq_len, num_batche
     else:
         model, info, spec, batches = load_analysis_inputs(
             checkpoint, data_source, batch_size or 1, seq_len or 16, 1, seed, windows, split,
-            dtype="float64")
+            dtype="float64", tokenizer=tokenizer, text_field=text_field)
         for note in info.notes:
             click.echo(f"note: {note}")
         cases.append((checkpoint, model, batches[0]))
@@ -320,12 +366,14 @@ def verify(checkpoint, block_specs, data_source, batch_size, seq_len, num_batche
 
 
 def data_provenance(spec, batches, split: str) -> dict[str, Any]:
-    """The ``data`` provenance of an analysis: the spec plus what was actually used."""
+    """The ``data`` provenance of an analysis: the spec plus what was actually used (the
+    tokenizer applied, ``none`` for token files, and the hash of its files)."""
+    corpus = spec.corpus()
     d = spec.to_dict()
     d.update(batches=len(batches), split=split,
              tokens=int(sum(b.token_range[1] for b in batches)),  # whole batches (all ranks)
-             tokenizer=curvlab.data.source_tokenizer(spec.source),
-             corpus_sha256=curvlab.data.load_corpus(spec.source, spec.val_fraction).sha256)
+             tokenizer=corpus.tokenizer, tokenizer_sha256=corpus.tokenizer_sha256,
+             corpus_sha256=corpus.sha256)
     return d
 
 
@@ -378,7 +426,7 @@ def _parse_list(value: str | None) -> list[str]:
               help="Also store the coupling map (Frobenius norm of every block pair).")
 def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, windows, split,
             kinds, block_specs, pairs, dtype, device, out, resume, force, chunk_cols,
-            coupling) -> None:
+            coupling, tokenizer, text_field) -> None:
     """Extract dense curvature blocks of a model into an HDF5 file, chunk by chunk.
 
     An interrupted run leaves a valid file; --resume continues it. Sizes, memory and time are
@@ -414,7 +462,7 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
         store.check_output(out, remedy="resume it (--resume)")  # before any work
     model, info, spec, batches = load_analysis_inputs(
         checkpoint, data_source, batch_size, seq_len, num_batches, seed, windows, split,
-        dtype=dtype, device=device)
+        dtype=dtype, device=device, tokenizer=tokenizer, text_field=text_field)
     for note in info.notes:
         click.echo(f"note: {note}")
     if not block_specs:
@@ -517,7 +565,7 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
 def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, reorth, density,
              probes, steps, trace, vectors, dtype, device, out, overwrite, plot_path,
              lanczos_seed, data_source, batch_size, seq_len, num_batches, seed, windows,
-             split) -> None:
+             split, tokenizer, text_field) -> None:
     """Eigenvalues, spectral density and trace of a curvature operator, its blocks, or its
     block-diagonal part. Given a results .h5 with dense blocks: their exact eigenvalues."""
     import warnings
@@ -552,7 +600,7 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
         return
     model, info, spec, batches = load_analysis_inputs(
         source, data_source, batch_size, seq_len, num_batches, seed, windows, split, dtype,
-        device)
+        device, tokenizer=tokenizer, text_field=text_field)
     for note in info.notes:
         click.echo(f"note: {note}")
     out_path = store.check_output(out, overwrite) if main else None
@@ -613,9 +661,11 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
 
 @cli.command()
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
-@click.option("--preconditioners", default="full,layerwise,diag,adam,kfac,identity",
+@click.option("--preconditioners",
+              default="full,layerwise,diag,adam,kfac,shampoo,soap,muon,identity",
               show_default=True,
-              help="Comma-separated: full, layerwise, diag, adam, kfac, identity.")
+              help="Comma-separated: full, layerwise, diag, adam, kfac, shampoo, soap, muon, "
+                   "identity.")
 @click.option("--damping", "dampings", default="1e-3,1e-2", show_default=True,
               help="Comma-separated dampings λ >= 0 (P + λI; λ is Adam's ε for adam).")
 @click.option("--blocks", "block_specs", multiple=True,
@@ -632,6 +682,11 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
               show_default=True,
               help="K-FAC output factor: sampled labels or exact (N·V passes).")
 @click.option("--kfac-samples", type=int, default=4, show_default=True)
+@click.option("--diag-exact-max", type=int, default=16384, show_default=True,
+              help="diag(G) of blocks above --dense-max: exact from the N·V per-token root "
+                   "columns when N·V is at most this, else Monte-Carlo.")
+@click.option("--diag-samples", type=int, default=4, show_default=True,
+              help="Monte-Carlo labels per token for diag(G) (N·samples pullbacks).")
 @click.option("--spectrum/--no-spectrum", default=True, show_default=True,
               help="Condition numbers of the preconditioned GN matrix.")
 @click.option("--per-block", is_flag=True, help="Also print each block's share of the decrease.")
@@ -645,12 +700,14 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
               help="Folder for the figures (PNG).")
 @data_options
 def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg_tol,
-            cg_max_iter, dense_max, kfac_estimator, kfac_samples, spectrum, per_block, dtype,
-            device, out, overwrite, plot_dir, data_source, batch_size, seq_len, num_batches,
-            seed, windows, split) -> None:
-    """Full vs layerwise (and diagonal, Adam-like, K-FAC, identity) Gauss-Newton
-    preconditioners on one or more checkpoints of one run: predicted decrease, line-searched
-    validation loss, cosine to full GN, conditioning, off-diagonal energy."""
+            cg_max_iter, dense_max, kfac_estimator, kfac_samples, diag_exact_max, diag_samples,
+            spectrum, per_block, dtype, device, out, overwrite, plot_dir, data_source,
+            batch_size, seq_len, num_batches, seed, windows, split, tokenizer,
+            text_field) -> None:
+    """Full vs layerwise Gauss-Newton and the approximate preconditioners (diagonal GN, Adam-like,
+    K-FAC, Shampoo, SOAP, Muon, identity) on one or more checkpoints of one run: predicted
+    decrease, line-searched validation loss, cosine to full GN, conditioning, off-diagonal
+    energy."""
     import os
 
     import torch
@@ -663,12 +720,13 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
         format_table,
         write_compare,
     )
+    from curvlab.compare.directions import check_names
 
     try:
         lams = [float(x) for x in _parse_list(dampings)]
     except ValueError:
         raise curvlab.errors.ConfigError(f"--damping: not numbers: {dampings}") from None
-    names = _parse_list(preconditioners)
+    names = check_names(_parse_list(preconditioners))
     if val_batches < 1:
         raise curvlab.errors.ConfigError("--val-batches must be >= 1")
     main = distributed.is_main()  # under torchrun only rank 0 prints and writes
@@ -677,11 +735,13 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
     # the first checkpoint's data options define the batches of every checkpoint
     model, info, spec, batches = load_analysis_inputs(
         checkpoints[0], data_source, batch_size, seq_len, num_batches, seed, windows, split,
-        device=device)
+        device=device, tokenizer=tokenizer, text_field=text_field)
     for note in info.notes:
         click.echo(f"note: {note}")
-    start = num_batches if split == "val" else 0  # held-out batches never overlap the others
-    val = curvlab.data.analysis_batches(spec, val_batches, info.vocab_size, "val", start)
+    # held-out batches never overlap the others: after them when drawn from the same split
+    held_out = "all" if split == "all" else "val"
+    start = num_batches if split in ("val", "all") else 0
+    val = curvlab.data.analysis_batches(spec, val_batches, info.vocab_size, held_out, start)
     val = [b.shard() for b in val]  # this rank's rows (all of them on one process)
     blocks = curvlab.partition(model, list(block_specs)) if block_specs else "layer"
     del model
@@ -692,7 +752,8 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
     runs = compare_checkpoints(
         checkpoints, batches, val, load=load, preconditioners=names, dampings=lams,
         blocks=blocks, cg_tol=cg_tol, cg_max_iter=cg_max_iter, dense_max=dense_max,
-        kfac_estimator=kfac_estimator, kfac_samples=kfac_samples, spectrum=spectrum,
+        kfac_estimator=kfac_estimator, kfac_samples=kfac_samples,
+        diag_exact_max=diag_exact_max, diag_samples=diag_samples, spectrum=spectrum,
         seed=seed or 0, dtype={"float64": torch.float64, "float32": torch.float32}[dtype],
         device=device, progress=lambda msg: click.echo(f"  {msg}", err=True))
     if not main:

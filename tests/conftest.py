@@ -6,6 +6,21 @@ from curvlab.models import ModelConfig, build_model
 
 torch.set_num_threads(1)  # tiny models: threading overhead dominates
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory):
+    """Tokenized text goes to a temporary token cache, never the user's ~/.cache/curvlab
+    (subprocesses inherit it)."""
+    import os
+
+    old = os.environ.get("CURVLAB_CACHE")
+    os.environ["CURVLAB_CACHE"] = str(tmp_path_factory.mktemp("curvlab-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CURVLAB_CACHE", None)
+    else:
+        os.environ["CURVLAB_CACHE"] = old
+
 # Small enough for dense curvature in float64, large enough to have every kind of layer.
 LLAMA_TEST = ModelConfig("llama", vocab_size=32, seq_len=8, d_model=8, n_layers=2, n_heads=2,
                          d_ff=12)

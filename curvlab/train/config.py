@@ -49,6 +49,8 @@ class TrainConfig:
     preset: str | None = None
     init: str | None = None
     data: str = "default"
+    tokenizer: str = "auto"  # of text data: auto (the init checkpoint's, else byte), byte, PATH
+    text_field: str = "text"  # jsonl field / Parquet column of the text
     seq_len: int | None = None
     micro_batch_size: int = 8
     windows: str = "random"
@@ -208,4 +210,8 @@ class TrainConfig:
     def changes_for_resume(self, stored: dict[str, Any]) -> list[str]:
         """Fields that differ from a stored config and may not change on resume."""
         mine = self.to_dict()
-        return [k for k in mine if k not in RESUMABLE_CHANGES and stored.get(k) != mine[k]]
+        # a field added since the stored run was written counts with its default value
+        defaults = {f.name: f.default for f in dataclasses.fields(self)
+                    if f.default is not dataclasses.MISSING}
+        return [k for k in mine if k not in RESUMABLE_CHANGES
+                and stored.get(k, defaults.get(k)) != mine[k]]

@@ -40,7 +40,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from curvlab import distributed
 from curvlab.checkpoint import load_checkpoint, save_checkpoint
-from curvlab.data.batches import Batch, BatchStream, DataSpec
+from curvlab.data.batches import Batch, BatchStream, DataSpec, bind_tokenizer
+from curvlab.data.tokenizer import auto_tokenizer
 from curvlab.errors import CheckpointError, ConfigError, CurvlabError
 from curvlab.models import ModelConfig, build_model, preset
 from curvlab.train.config import TrainConfig, TrainingDivergedError
@@ -176,17 +177,19 @@ def _load_exact(path: str | Path, device: str, dtype: torch.dtype
 
 
 def _initial_model(cfg: TrainConfig, dtype: torch.dtype, device: str
-                   ) -> tuple[nn.Module, dict[str, Any]]:
+                   ) -> tuple[nn.Module, dict[str, Any], tuple[str, str | None]]:
+    """The starting model, the data spec stored with it, and what ``tokenizer="auto"`` means
+    for it (:func:`curvlab.data.auto_tokenizer`)."""
     if cfg.init is None:
         model = build_model(preset(cfg.preset or "tiny"), seed=cfg.seed)
-        return model.to(device=device, dtype=dtype), {}
+        return model.to(device=device, dtype=dtype), {}, auto_tokenizer(None)
     model, info, _ = _load_exact(cfg.init, device, dtype)
     if cfg.preset is not None:
         diff = _mismatch(preset(cfg.preset), model.config)
         if diff:
             raise ConfigError(f"--init {cfg.init} holds another model than --preset "
                               f"{cfg.preset} ({'; '.join(diff[:4])})")
-    return model, info.data
+    return model, info.data, auto_tokenizer(info.kind, cfg.init, info.data)
 
 
 def _on_every_rank(fn: Callable[[], Any]) -> Any:
@@ -315,13 +318,15 @@ def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult
     device = distributed.local_device(cfg.device)
 
     def setup() -> tuple[nn.Module, DataSpec, BatchStream, list[Batch]]:
-        model, init_data = _initial_model(cfg, dtype, device)
+        model, init_data, auto = _initial_model(cfg, dtype, device)
         mcfg: ModelConfig = model.config
         seq_len = cfg.seq_len or min(mcfg.seq_len, init_data.get("seq_len", mcfg.seq_len))
         if seq_len > mcfg.seq_len and mcfg.family == "gpt":
             raise ConfigError(f"--seq-len {seq_len} exceeds the model's {mcfg.seq_len} positions")
         spec = DataSpec(source=cfg.data, seq_len=seq_len, batch_size=cfg.micro_batch_size,
-                        seed=cfg.seed, windows=cfg.windows)
+                        seed=cfg.seed, windows=cfg.windows, tokenizer=cfg.tokenizer,
+                        text_field=cfg.text_field)
+        spec = bind_tokenizer(spec, auto, mcfg.vocab_size)  # checked, hashed, recorded
         stream = BatchStream(spec)
         stream.check_vocab(mcfg.vocab_size)
         val_stream = BatchStream(spec, corpus=stream.corpus, split="val")
@@ -370,6 +375,13 @@ def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult
                 if changed:
                     raise ConfigError(f"cannot resume {latest} with changed options: "
                                       f"{', '.join(changed)}")
+                was = raw.get("data", {})  # the same tokenizer files, not just the same option
+                if "tokenizer" in was and (was.get("tokenizer"), was.get("tokenizer_sha256")) \
+                        != (spec.tokenizer, spec.tokenizer_sha256):
+                    raise ConfigError(
+                        f"cannot resume {latest}: its tokenizer was {was.get('tokenizer')} "
+                        f"(sha256 {str(was.get('tokenizer_sha256'))[:12]}), now "
+                        f"{spec.tokenizer} (sha256 {str(spec.tokenizer_sha256)[:12]})")
                 with torch.no_grad():
                     for (_, p), (_, q) in zip(model.named_parameters(),
                                               loaded.named_parameters()):
