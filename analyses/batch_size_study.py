@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gn_vs_baselines import best_per_method, to_target  # noqa: E402
+from gn_vs_baselines import best_per_method, to_target, warmup  # noqa: E402
 
 from curvlab.train import TrainConfig, TrainingDivergedError, train  # noqa: E402
 
@@ -78,17 +78,6 @@ GPU = dict(preset="45m", device="cuda", seq_len=512, micro_batch_size=16, warmup
 def _common(s: Settings) -> dict:
     return dict(seq_len=s.seq_len, micro_batch_size=s.micro_batch_size, device=s.device,
                 eval_every=s.eval_every, eval_batches=s.eval_batches)
-
-
-def warmup(s: Settings, out: Path) -> Path:
-    warm = out / "warmup" / "final.pt"
-    if not warm.exists():
-        t = time.perf_counter()
-        r = train(TrainConfig(optimizer="adamw", preset=s.preset, lr=s.warmup_lr,
-                              max_steps=s.warmup_steps, out=str(out / "warmup"), **_common(s)))
-        print(f"warm-up: AdamW {s.warmup_steps} steps, val loss {r.val_loss:.4f} "
-              f"({time.perf_counter() - t:.0f} s)", flush=True)
-    return warm
 
 
 def _config(s: Settings, warm: Path, out: Path, method: str, lr: float, batches: int,
@@ -349,12 +338,16 @@ def main() -> None:
     if args.report_only:
         results = json.loads((out / name).read_text())["runs"]
     else:
-        warm = warmup(s, out)
+        warm = warmup(s, out, _common(s))
         jobs = (ablation_jobs if args.ablations else study_jobs)(s, warm, out)
         results = run_all(jobs, args.jobs)
     print((report_ablations if args.ablations else report)(s, results, out))
-    print(f"total {time.perf_counter() - t:.0f} s ({os.cpu_count()} CPUs, --jobs {args.jobs}); "
-          f"wrote {out}")
+    import resource
+
+    cpu = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    print(f"total {time.perf_counter() - t:.0f} s wall, {cpu:.0f} s CPU ({os.cpu_count()} CPUs, "
+          f"--jobs {args.jobs}); wrote {out}")
 
 
 if __name__ == "__main__":

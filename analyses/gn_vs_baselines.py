@@ -61,17 +61,23 @@ GPU = dict(preset="45m", device="cuda", seq_len=512, micro_batch_size=16, warmup
            eval_batches=16)
 
 
-def run(s: Settings, out: Path) -> list[dict]:
-    common = dict(preset=s.preset, seq_len=s.seq_len, micro_batch_size=s.micro_batch_size,
-                  device=s.device, eval_every=s.eval_every, eval_batches=s.eval_batches)
+def warmup(s, out: Path, common: dict) -> Path:
+    """The shared start of every run: AdamW for ``s.warmup_steps`` steps at ``s.warmup_lr``
+    from a fresh ``s.preset`` model -> ``out/warmup/final.pt`` (kept if it exists)."""
     warm = out / "warmup" / "final.pt"
     if not distributed.broadcast_object(warm.exists()):  # the same decision on every rank
         t = time.perf_counter()
-        r = train(TrainConfig(optimizer="adamw", lr=s.warmup_lr, max_steps=s.warmup_steps,
-                              out=str(out / "warmup"), **common))
+        r = train(TrainConfig(optimizer="adamw", preset=s.preset, lr=s.warmup_lr,
+                              max_steps=s.warmup_steps, out=str(out / "warmup"), **common))
         print(f"warm-up: AdamW {s.warmup_steps} steps, val loss {r.val_loss:.4f} "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
-    common.pop("preset")
+    return warm
+
+
+def run(s: Settings, out: Path) -> list[dict]:
+    common = dict(seq_len=s.seq_len, micro_batch_size=s.micro_batch_size,
+                  device=s.device, eval_every=s.eval_every, eval_batches=s.eval_batches)
+    warm = warmup(s, out, common)
     runs = [(name, s.inner_lr) for name in s.gn_methods]
     runs += [(name, lr) for name, lrs in s.lrs.items() for lr in lrs]
     results = []

@@ -44,6 +44,13 @@ def make_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float64):
     return model.eval()
 
 
+def train_checkpoint(path, seed: int = 0, seq_len: int = 16, batch_size: int = 2) -> str:
+    """A float64 TRAIN_TEST model saved as a curvlab checkpoint (the start of training tests)."""
+    model = build_model(TRAIN_TEST, seed=seed).double()
+    spec = curvlab.DataSpec(seq_len=seq_len, batch_size=batch_size)
+    return str(curvlab.save_checkpoint(path, model, data=spec.to_dict()))
+
+
 def make_batch(cfg: ModelConfig, batch_size: int = 2, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), generator=gen)

@@ -17,17 +17,15 @@ import curvlab
 from curvlab.curvature.blocks import layer_partition
 from curvlab.models import build_model
 from curvlab.train import GaussNewton, TrainConfig, train
-from tests.conftest import TRAIN_TEST
+from tests.conftest import TRAIN_TEST, train_checkpoint
 
 B, T, INNER, LR, STEPS = 2, 16, 3, 2.0, 3
 
 
 @pytest.fixture(scope="module")
 def init_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ref") / "init.pt"
-    model = build_model(TRAIN_TEST, seed=3).double()
-    return str(curvlab.save_checkpoint(path, model, data=curvlab.DataSpec(
-        seq_len=T, batch_size=B).to_dict()))
+    return train_checkpoint(tmp_path_factory.mktemp("ref") / "init.pt", seed=3,
+                            seq_len=T, batch_size=B)
 
 
 def _logits(model, params, inputs):

@@ -1,26 +1,26 @@
 """curvlab.optim.GaussNewton in a user's own loop: equal to curvlab train, any model, resume,
 batches as users have them, clear errors that leave the model unchanged. float64, CPU."""
 
+import functools
+
 import pytest
 import torch
 from torch import nn
 
 import curvlab
+from curvlab.curvature.model_fn import default_logits_fn
 from curvlab.errors import ConfigError, CurvlabError
-from curvlab.models import build_model
 from curvlab.optim import GaussNewton, as_batch, mean_loss
 from curvlab.train import TrainConfig, TrainingDivergedError, train
-from tests.conftest import TRAIN_TEST
+from tests.conftest import train_checkpoint
 
 B, T, INNER, STEPS = 2, 16, 2, 3
 
 
 @pytest.fixture(scope="module")
 def init_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("optim") / "init.pt"
-    model = build_model(TRAIN_TEST, seed=5).double()
-    return str(curvlab.save_checkpoint(path, model, data=curvlab.DataSpec(
-        seq_len=T, batch_size=B).to_dict()))
+    return train_checkpoint(tmp_path_factory.mktemp("optim") / "init.pt", seed=5,
+                            seq_len=T, batch_size=B)
 
 
 def _stream():
@@ -103,15 +103,15 @@ def test_hugging_face_batches_score_the_models_own_loss_and_train():
     for b in batches[:2]:
         own = float(model(**b).loss.detach())
         batch, mask = as_batch(b)
-        ours = mean_loss(model, None, [batch], logits_fns=lambda m, p, x: curvlab.curvature.
-                         model_fn.default_logits_fn(m, p, x, attention_mask=mask))
+        ours = mean_loss(model, None, [batch], logits_fns=functools.partial(
+            default_logits_fn, attention_mask=mask))
         # transformers computes its loss from logits cast to float32: equal to that precision
         assert ours == pytest.approx(own, rel=1e-6)
         # without labels: padding (attention_mask 0) is ignored as well
         no_labels, _ = as_batch({k: v for k, v in b.items() if k != "labels"})
         assert torch.equal(no_labels.targets, batch.targets)
     before = sum(float(model(**b).loss.detach()) for b in batches) / len(batches)
-    for t in range(3):
+    for _ in range(3):
         opt.step(batches[:3], batches[3:])
     after = sum(float(model(**b).loss.detach()) for b in batches) / len(batches)
     assert after < before - 1e-3

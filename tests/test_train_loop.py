@@ -10,19 +10,15 @@ import torch
 
 import curvlab
 from curvlab.errors import ConfigError
-from curvlab.models import build_model
 from curvlab.train import OPTIMIZERS, TrainConfig, TrainingDivergedError, train
-from tests.conftest import TRAIN_TEST
+from tests.conftest import TRAIN_TEST, train_checkpoint
 
 SMALL = TRAIN_TEST
 
 
 @pytest.fixture(scope="module")
 def init_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("init") / "init.pt"
-    model = build_model(SMALL, seed=0).double()
-    spec = curvlab.DataSpec(seq_len=16, batch_size=2)
-    return str(curvlab.save_checkpoint(path, model, data=spec.to_dict()))
+    return train_checkpoint(tmp_path_factory.mktemp("init") / "init.pt")
 
 
 def _config(init, **kw):
