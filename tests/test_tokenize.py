@@ -113,6 +113,12 @@ def test_auto_is_the_model_folders_tokenizer(hf_model, tmp_path, capsys):
     batch = BatchStream(DataSpec(**{k: data[k] for k in ("source", "seq_len", "batch_size",
                                                          "windows", "tokenizer")})).batch(0)
     assert batch.inputs[0].tolist() == direct[:8]
+    # the default corpus is text too: the same tokenizer
+    _, _, spec, batches = load_analysis_inputs(folder, None, 2, 8, 1, None, "contiguous",
+                                               "train")
+    head = curvlab.data.default_text()[:2000]
+    assert spec.tokenizer == str(folder.resolve())
+    assert batches[0].inputs.flatten().tolist() == _ids(tok, head)[:16]
 
 
 def test_model_without_tokenizer_refuses_text(hf_model, tmp_path, capsys):

@@ -162,8 +162,8 @@ def load_corpus(
     """
     src = resolve_source(source)
     tokenizer = "byte" if tokenizer == "auto" else tokenizer
-    if src.tokens or source == "default":
-        tokenizer, tokenizer_sha256 = ("none" if src.tokens else "byte"), None
+    if src.tokens:
+        tokenizer, tokenizer_sha256 = "none", None
     if src.tokens or source == "default" or src.parts[0].format not in ("jsonl", "parquet"):
         text_field = "text"
     folder = token_cache.cache_dir(cache)
@@ -198,13 +198,14 @@ def _load_cached(source: str, val_fraction: float, tokenizer: str, tokenizer_sha
 
 def _read_corpus(source: str, val_fraction: float, tokenizer: str, tokenizer_sha: str | None,
                  text_field: str, folder: Path | None) -> Corpus:
-    if source == "default":
-        tokens = ByteTokenizer().encode(default_text())
+    if source == "default":  # small: encoded in memory, in one call
+        tok = ByteTokenizer() if tokenizer == "byte" else load_tokenizer(tokenizer, tokenizer_sha)
+        tokens = tok.encode(default_text())
         stats = token_cache.TokenStats()
         stats.add(tokens)
         train, val = _split(tokens, val_fraction)
-        return Corpus("default", "byte", train, val, stats.sha256, 256, max_id=stats.max,
-                      val_fraction=val_fraction, whole=tokens)
+        return Corpus("default", tok.name, train, val, stats.sha256, tok.vocab_size,
+                      tok.sha256, stats.max, tok.eot_id, val_fraction, tokens)
     src = resolve_source(source)
     if src.tokens:
         arrays = [read_token_file(p.files[0]) for p in src.parts]

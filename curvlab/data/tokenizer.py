@@ -4,10 +4,11 @@
   models use unless told otherwise.
 - a path: a ``tokenizer.json`` file, or a folder holding a Hugging Face tokenizer (a model
   folder saved with ``save_pretrained``, or one written by ``tokenizer.save_pretrained``).
-  ``tokenizer.json`` is read with the ``tokenizers`` library; a folder without one (a
-  SentencePiece ``tokenizer.model``, ``vocab.json`` + ``merges.txt``, ...) is read with
-  ``transformers.AutoTokenizer``. Both libraries are optional and imported only here, when a
-  tokenizer is loaded; nothing is downloaded (``local_files_only``).
+  A ``tokenizer.json`` file is read with the ``tokenizers`` library; a folder with
+  ``transformers.AutoTokenizer`` (as the model's authors call it; its fast tokenizer's Rust
+  backend encodes), or with ``tokenizers`` from its ``tokenizer.json`` when ``transformers`` is
+  not installed. Both libraries are optional and imported only here, when a tokenizer is
+  loaded; nothing is downloaded (``local_files_only``).
 
 A tokenizer has a ``name`` (``byte``, or the absolute path of its file or folder) and a
 ``sha256`` over its files (None for ``byte``), which checkpoints and HDF5 provenance record.
@@ -129,16 +130,23 @@ class HFTokenizer(Tokenizer):
         self.sha256 = tokenizer_sha256(path)  # also checks that the files exist
         json_file = path if path.is_file() else path / "tokenizer.json"
         config = _read_config(path / "tokenizer_config.json") if path.is_dir() else {}
-        if json_file.is_file():
+        # a folder: as transformers.AutoTokenizer sets it up (it may adjust the tokenizer.json
+        # pipeline from tokenizer_config.json), when transformers is there or needed
+        auto = None
+        if path.is_dir() and (_importable("transformers") or not json_file.is_file()):
+            auto = _load_transformers(path)
+        backend = getattr(auto, "backend_tokenizer", None) if auto is not None else None
+        if auto is None:
             backend = _load_tokenizers_json(json_file)
             self.backend = f"tokenizers {_version('tokenizers')}"
+        else:
+            self.backend = f"transformers {_version('transformers')} {type(auto).__name__}"
+        if backend is not None:  # a fast (Rust) tokenizer
             self._encode = functools.partial(_encode_fast, backend)
             self._decode = backend.decode
             self.vocab_size = int(backend.get_vocab_size(with_added_tokens=True))
             token_id = backend.token_to_id
-        else:
-            auto = _load_transformers(path)
-            self.backend = f"transformers {_version('transformers')} {type(auto).__name__}"
+        else:  # a slow (Python) transformers tokenizer
             self._encode = functools.partial(_encode_transformers, auto)
             self._decode = auto.decode
             self.vocab_size = len(auto)
@@ -154,6 +162,12 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, tokens: np.ndarray | list[int]) -> str:
         return self._decode([int(t) for t in tokens])
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _version(module: str) -> str:
