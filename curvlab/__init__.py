@@ -3,7 +3,9 @@
 Public API (see docs/api.md):
 
 - models and data: :func:`preset`, :func:`build_model`, :func:`lm_loss`, :class:`DataSpec`,
-  :class:`BatchStream`, :class:`Batch`, :func:`load_corpus`;
+  :class:`BatchStream`, :class:`Batch`, :func:`load_corpus`; tokenizers and sources in
+  :mod:`curvlab.data` (``bind_tokenizer``, ``auto_tokenizer``, ``load_tokenizer``, see
+  docs/data.md);
 - checkpoints: :func:`load_checkpoint`, :func:`save_checkpoint`;
 - partitions: :func:`partition`, :func:`layer_partition`, :func:`param_partition`;
 - curvature operators: :func:`ggn`, :func:`hessian`, :func:`fisher`, :func:`curvature_operator`;

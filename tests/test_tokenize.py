@@ -414,3 +414,18 @@ def test_token_sources_record_no_tokenizer_unless_named(tmp_path):
     assert bind_tokenizer(DataSpec(source=str(text)), ("none", None), 256).tokenizer == "byte"
     with pytest.raises(DataError, match="vocabulary 300"):  # unbound auto, through the API
         BatchStream(DataSpec(source=str(text), seq_len=8)).check_vocab(300)
+
+
+def test_tokenizer_folder_without_transformers(hf_model, monkeypatch):
+    """A folder's tokenizer.json is read with `tokenizers` alone when transformers is missing:
+    the same ids and end-of-text token."""
+    folder = hf_model["with"]
+    with_auto = curvlab.data.HFTokenizer(folder)
+    assert with_auto.backend.startswith("transformers")
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)
+    plain = curvlab.data.HFTokenizer(folder)
+    assert plain.backend.startswith("tokenizers")
+    assert plain.encode(TEXT).tolist() == with_auto.encode(TEXT).tolist() == \
+        _ids(hf_model["tok"], TEXT)
+    assert plain.eot_id == with_auto.eot_id == hf_model["tok"].token_to_id(EOT)
+    assert plain.sha256 == with_auto.sha256

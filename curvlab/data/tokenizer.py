@@ -166,8 +166,14 @@ class HFTokenizer(Tokenizer):
 
 def _importable(module: str) -> bool:
     import importlib.util
+    import sys
 
-    return importlib.util.find_spec(module) is not None
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _version(module: str) -> str:
