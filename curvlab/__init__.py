@@ -1,19 +1,26 @@
 """curvlab: exact curvature analysis for transformer language models.
 
-Public API (see docs/api.md):
+Public API (docs/api.md: one section each, with a runnable example):
 
-- models and data: :func:`preset`, :func:`build_model`, :func:`lm_loss`, :class:`DataSpec`,
-  :class:`BatchStream`, :class:`Batch`, :func:`load_corpus`; tokenizers and sources in
-  :mod:`curvlab.data` (``bind_tokenizer``, ``auto_tokenizer``, ``load_tokenizer``, see
-  docs/data.md);
-- checkpoints: :func:`load_checkpoint`, :func:`save_checkpoint`;
+- models and data: :func:`preset`, :class:`ModelConfig`, :func:`build_model`, :func:`lm_loss`,
+  :class:`DataSpec`, :class:`BatchStream`, :class:`Batch`, :func:`load_corpus`; tokenizers and
+  sources in :mod:`curvlab.data` (``bind_tokenizer``, ``auto_tokenizer``, ``load_tokenizer``,
+  ``analysis_batches``, see docs/data.md);
+- checkpoints: :func:`load_model`, :func:`load_checkpoint`, :func:`save_checkpoint`;
 - partitions: :func:`partition`, :func:`layer_partition`, :func:`param_partition`;
-- curvature operators: :func:`ggn`, :func:`hessian`, :func:`fisher`, :func:`curvature_operator`;
+- curvature operators: :func:`ggn`, :func:`hessian`, :func:`fisher`, :func:`curvature_operator`
+  (:class:`CurvatureOperator`: ``@``, ``block``, ``block_diagonal``, ``to_dense``);
 - checks: :func:`verify_operators`;
-- training: :func:`train` / :class:`TrainConfig` (``curvlab train``), and Gauss-Newton in your
-  own loop: :class:`curvlab.optim.GaussNewton`;
+- linear algebra: :mod:`curvlab.linalg` (``lanczos``, ``spectral_density``, ``hutchpp``, ``cg``);
+- dense blocks and HDF5: :func:`plan_extraction`, :func:`check_limits`, :func:`extract_blocks`,
+  :func:`coupling_map`, :mod:`curvlab.store` (``create_file``, ``read``), see docs/hdf5.md;
+- preconditioners: :func:`compare_preconditioners`, :func:`compare_checkpoints`;
+- training: :class:`TrainConfig` and ``curvlab.train.train`` (``curvlab train``; the name
+  ``curvlab.train`` is the subpackage), and Gauss-Newton in your own loop:
+  :class:`curvlab.optim.GaussNewton` (docs/optim.md);
 - several processes (``torchrun``): :mod:`curvlab.distributed` (``init``, ``is_main``,
-  ``Batch.shard``), see docs/distributed.md.
+  ``Batch.shard``), see docs/distributed.md;
+- errors: :class:`CurvlabError` (every error a user can cause).
 """
 
 __version__ = "0.1.0"
