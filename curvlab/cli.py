@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -276,6 +277,32 @@ def data_options(f):
     return f
 
 
+def product_options(f):
+    """``--precision`` and ``--compile`` of the curvature products (see docs/curvature.md)."""
+    f = click.option("--compile", "compile_products", is_flag=True,
+                     help="torch.compile the product closures (eager, after a one-line "
+                          "warning, where that fails).")(f)
+    return click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]),
+                        default="fp32", show_default=True,
+                        help="Arithmetic of the products: fp32 (IEEE), tf32 (CUDA tensor "
+                             "cores; no-op on CPU) or bf16 (autocast); tf32/bf16 need "
+                             "float32. Lanczos/CG stay in float32/float64.")(f)
+
+
+def _check_precision(precision: str, dtype: str) -> None:
+    """Refuse ``--precision tf32|bf16`` with ``--dtype float64`` before any work."""
+    import torch
+
+    from curvlab.curvature.precision import check_precision
+
+    try:
+        check_precision(precision, {"float32": torch.float32, "float64": torch.float64}[dtype])
+    except curvlab.errors.ConfigError:
+        raise curvlab.errors.ConfigError(
+            f"--precision {precision} needs --dtype float32 (TF32 and bfloat16 autocast leave "
+            f"float64 untouched), got --dtype {dtype}") from None
+
+
 def load_analysis_inputs(checkpoint: str, data_source, batch_size, seq_len, num_batches, seed,
                          windows, split, dtype: str | None = None, device: str | None = None,
                          tokenizer: str | None = None, text_field: str | None = None):
@@ -424,9 +451,10 @@ def _parse_list(value: str | None) -> list[str]:
                                       "unit; more needs more memory.")
 @click.option("--coupling/--no-coupling", default=True, show_default=True,
               help="Also store the coupling map (Frobenius norm of every block pair).")
+@product_options
 def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, windows, split,
             kinds, block_specs, pairs, dtype, device, out, resume, force, chunk_cols,
-            coupling, tokenizer, text_field) -> None:
+            coupling, tokenizer, text_field, precision, compile_products) -> None:
     """Extract dense curvature blocks of a model into an HDF5 file, chunk by chunk.
 
     An interrupted run leaves a valid file; --resume continues it. Sizes, memory and time are
@@ -449,6 +477,7 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
     )
     from curvlab.curvature.operators import CURVATURES, curvature_operator, default_partition
 
+    _check_precision(precision, dtype)
     device = distributed.local_device(device)  # torchrun + NCCL: this rank's GPU
     names = list(dict.fromkeys(k.strip() for k in kinds.split(",") if k.strip()))
     bad = [k for k in names if k not in CURVATURES]
@@ -470,12 +499,14 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
     else:
         blocks = partition(model, block_specs[0] if len(block_specs) == 1 else list(block_specs))
     resolve_pairs(blocks, pairs)  # unknown names fail before any product
-    ops = {k: curvature_operator(k, model, batches, blocks, device=device,
+    ops = {k: curvature_operator(k, model, batches, blocks, device=device, precision=precision,
+                                 compile=compile_products,
                                  **({"seed": spec.seed} if k == "mcfisher" else {}))
            for k in names}
     first = ops[names[0]]
     prov = store.make_provenance(checkpoint, info.model_dict(),
-                                 data_provenance(spec, batches, split), first.dtype, first.device)
+                                 data_provenance(spec, batches, split), first.dtype, first.device,
+                                 precision=precision)
     writer = store.open_for_resume(out, prov, blocks) if resuming and main else None
     view = shared_sink(writer, blocks, names)  # other ranks: rank 0's targets, no writes
     try:
@@ -561,11 +592,12 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
               help="Also draw a figure (PNG/PDF by extension).")
 @click.option("--seed-lanczos", "lanczos_seed", type=int, default=0, show_default=True,
               help="Seed of the Lanczos / SLQ / Hutch++ random vectors.")
+@product_options
 @data_options
 def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, reorth, density,
              probes, steps, trace, vectors, dtype, device, out, overwrite, plot_path,
              lanczos_seed, data_source, batch_size, seq_len, num_batches, seed, windows,
-             split, tokenizer, text_field) -> None:
+             split, tokenizer, text_field, precision, compile_products) -> None:
     """Eigenvalues, spectral density and trace of a curvature operator, its blocks, or its
     block-diagonal part. Given a results .h5 with dense blocks: their exact eigenvalues."""
     import warnings
@@ -573,11 +605,13 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
     from tqdm import tqdm
 
     from curvlab import store
+    from curvlab.curvature.precision import CompileWarning
     from curvlab.spectra import TargetSpectrum, compute_spectra, exact_eigenvalues
     from curvlab.store.spectrum import write_target_spectrum
 
     main = distributed.is_main()
     device = distributed.local_device(device)  # torchrun + NCCL: this rank's GPU
+    _check_precision(precision, dtype)
     if str(source).endswith((".h5", ".hdf5")):
         if not main:  # stored blocks: nothing to share, rank 0 does it alone
             return
@@ -606,7 +640,9 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
     out_path = store.check_output(out, overwrite) if main else None
     blocks = curvlab.partition(model, preset) if preset else \
         curvlab.curvature.operators.default_partition(model)
-    op = curvlab.curvature.operators.curvature_operator(kind, model, batches, blocks)
+    op = curvlab.curvature.operators.curvature_operator(kind, model, batches, blocks,
+                                                        precision=precision,
+                                                        compile=compile_products)
     targets = list(block_names)
     if not targets and preset:
         targets = list(blocks.names)
@@ -632,10 +668,11 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
     if not main:
         return
     for w in caught:
-        if issubclass(w.category, curvlab.linalg.LinalgWarning):
+        if issubclass(w.category, (curvlab.linalg.LinalgWarning, CompileWarning)):
             click.echo(f"warning: {w.message}", err=True)
     prov = store.make_provenance(source, info.model_dict(),
-                                 data_provenance(spec, batches, split), dtype, device)
+                                 data_provenance(spec, batches, split), dtype, device,
+                                 precision=precision)
     with store.create_file(out_path, prov, blocks, overwrite=overwrite) as writer:
         for r in results:
             write_target_spectrum(writer.file, kind, r)
@@ -698,12 +735,13 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for the figures (PNG).")
+@product_options
 @data_options
 def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg_tol,
             cg_max_iter, dense_max, kfac_estimator, kfac_samples, diag_exact_max, diag_samples,
             spectrum, per_block, dtype, device, out, overwrite, plot_dir, data_source,
             batch_size, seq_len, num_batches, seed, windows, split, tokenizer,
-            text_field) -> None:
+            text_field, precision, compile_products) -> None:
     """Full vs layerwise Gauss-Newton and the approximate preconditioners (diagonal GN, Adam-like,
     K-FAC, Shampoo, SOAP, Muon, identity) on one or more checkpoints of one run: predicted
     decrease, line-searched validation loss, cosine to full GN, conditioning, off-diagonal
@@ -729,6 +767,7 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
     names = check_names(_parse_list(preconditioners))
     if val_batches < 1:
         raise curvlab.errors.ConfigError("--val-batches must be >= 1")
+    _check_precision(precision, dtype)
     main = distributed.is_main()  # under torchrun only rank 0 prints and writes
     device = distributed.local_device(device)  # torchrun + NCCL: this rank's GPU
     out_path = store.check_output(out, overwrite) if out and main else None
@@ -755,7 +794,8 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
         kfac_estimator=kfac_estimator, kfac_samples=kfac_samples,
         diag_exact_max=diag_exact_max, diag_samples=diag_samples, spectrum=spectrum,
         seed=seed or 0, dtype={"float64": torch.float64, "float32": torch.float32}[dtype],
-        device=device, progress=lambda msg: click.echo(f"  {msg}", err=True))
+        device=device, precision=precision, compile=compile_products,
+        progress=lambda msg: click.echo(f"  {msg}", err=True))
     if not main:
         return
     for run in runs:
@@ -765,7 +805,8 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
         click.echo("\n" + format_evolution(runs))
     if out_path is not None:  # root provenance: the earliest checkpoint; /compare/<k>: each
         prov = store.make_provenance(runs[0].checkpoint, info.model_dict(),
-                                     data_provenance(spec, batches, split), dtype, device)
+                                     data_provenance(spec, batches, split), dtype, device,
+                                     precision=precision)
         with store.create_file(out_path, prov, runs[0].result.partition,
                                overwrite=overwrite) as writer:
             write_compare(writer, runs)
@@ -825,6 +866,16 @@ def _join_process_group(args: list[str]) -> None:
         sys.stdout = sys.stderr = open(os.devnull, "w")
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """curvlab's own warnings (compile fallback, cache) as one line ``warning: ...``."""
+    if category.__module__.startswith("curvlab."):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point with one-line errors (tracebacks only with ``--debug``).
 
@@ -833,6 +884,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    warnings.formatwarning = _format_warning
     err = sys.stderr  # kept: ranks other than 0 silence sys.stderr but still report errors
     where = f" (rank {os.environ.get('RANK', '?')})" if distributed.launched() else ""
 

@@ -14,6 +14,7 @@ import torch
 import curvlab
 from curvlab import distributed
 from curvlab.compare.kfac import kfac_factors, linear_layers
+from curvlab.compare.per_token import empirical_statistics, ggn_diagonal
 from curvlab.compare.problem import Problem
 from curvlab.linalg import lanczos
 from tests.conftest import GPT_TEST, LLAMA_TEST, make_batch, make_model
@@ -50,6 +51,13 @@ def _quantities(model, batches) -> dict:
     factors = kfac_factors(model, params, batches, linear_layers(model, problem.space),
                            estimator="mc", samples=2, seed=1)
     out["kfac"] = [(f.A, f.B) for f in factors]
+    # per-token pullbacks: exact and Monte-Carlo diag(G), diag(F) and Shampoo's factors
+    tp = Problem(model, batches, "layer", dense_max=0)
+    out["diag_exact"] = ggn_diagonal(tp, exact_max=10**9).values
+    out["diag_mc"] = ggn_diagonal(tp, exact_max=0, samples=2, seed=1).values
+    stats = empirical_statistics(tp, [n for n, p in params.items() if p.ndim == 2][:3])
+    out["diag_f"] = stats.diagonal.values
+    out["shampoo"] = [t for lr in stats.factors.values() for t in lr]
     return out
 
 
@@ -109,6 +117,9 @@ def test_gradient_loss_and_kfac_equal_one_process(gathered, family):
         assert len(r["kfac"]) == len(single["kfac"]) > 0
         for (a, b), (a1, b1) in zip(r["kfac"], single["kfac"]):
             assert _close(a, a1) and _close(b, b1)
+        for key in ("diag_exact", "diag_mc", "diag_f"):  # MC labels do not depend on shards
+            assert _close(r[key], single[key]), key
+        assert all(_close(a, b) for a, b in zip(r["shampoo"], single["shampoo"]))
 
 
 def _dead_peer(rank: int) -> dict:
@@ -246,7 +257,7 @@ def test_torchrun_compare_equals_one_process(tmp_path, capsys):
     from tests.cli_helpers import run_cli
 
     ckpt = _checkpoint(tmp_path)
-    args = ["--preconditioners", "full,layerwise,diag,kfac", "--damping", "1e-2",
+    args = ["--preconditioners", "full,layerwise,diag,kfac,soap,muon", "--damping", "1e-2",
             "--blocks", "a=layers.0.*", "--blocks", "b=layers.1.*", "--batches", "2",
             "--val-batches", "2", "--no-spectrum"]
     p = torchrun(["compare", str(ckpt), *args, "-o", str(tmp_path / "two.h5")])
