@@ -18,7 +18,9 @@ critical-batch-size figure), and the study's ablations.
 
 ``--ablations`` (at ``ablation_batches`` micro-batches per step): GN and GN-prox with the global
 cosine, constant + inner cosine and constant schedules, and with the line search off
-(``use_line_search=False``); ``ablations.md``, ``ablations.png``.
+(``use_line_search=False``); for GN also a line-search range of 10 and a third of the inner
+learning rate (probes of why GN's line search takes its smallest step); ``ablations.md``,
+``ablations.png``.
 
 Every run lives in its own folder and resumes (``TrainConfig(resume=True)``): an interrupted study
 continues where it stopped, finished runs are read back, not rerun. ``--jobs N`` runs N training
@@ -151,15 +153,23 @@ ABLATIONS = {
     "constant": dict(schedule="constant"),
     "no line search": dict(schedule="cosine", use_line_search=False),
 }
+# GN only: does the line search's smallest step bind (range 10 instead of 5), or is the inner
+# learning rate too large for the inner solve (a third of it)?
+GN_PROBES = {
+    "line-search range 10": dict(schedule="cosine", line_search_range=10),
+    "inner lr / 3": dict(schedule="cosine"),
+}
 
 
 def ablation_jobs(s: Settings, warm: Path, out: Path) -> list[tuple[TrainConfig, dict]]:
     jobs, M = [], s.ablation_batches
-    for method in ("gn", "gn-prox"):
-        for name, changes in ABLATIONS.items():
-            folder = out / "ablations" / f"{method}-{name.replace(' ', '-')}"
-            jobs.append((_config(s, warm, folder, method, s.inner_lr, M, **changes),
-                         {"method": method, "lr": s.inner_lr, "batches": M, "variant": name}))
+    variants = [(m, name, changes) for m in ("gn", "gn-prox") for name, changes in
+                ABLATIONS.items()] + [("gn", name, changes) for name, changes in GN_PROBES.items()]
+    for method, name, changes in variants:
+        lr = s.inner_lr / 3 if name == "inner lr / 3" else s.inner_lr
+        folder = out / "ablations" / f"{method}-{name.replace(' ', '-').replace('/', 'div')}"
+        jobs.append((_config(s, warm, folder, method, lr, M, **changes),
+                     {"method": method, "lr": lr, "batches": M, "variant": name}))
     return jobs
 
 
