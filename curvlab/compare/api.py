@@ -172,6 +172,8 @@ def compare_preconditioners(
     logits_fn: LogitsFn | None = None,
     ignore_index: int = -100,
     cache: bool | str = "auto",
+    precision: str = "fp32",
+    compile: bool | str = False,
     progress: Callable[[str], None] | None = None,
 ) -> CompareResult:
     """Compare preconditioned Gauss-Newton directions ``d = −P⁻¹ g`` on ``model``.
@@ -199,7 +201,9 @@ def compare_preconditioners(
     ``diag(F)`` and Shampoo's factors (``max_precond_dim``: larger factors are kept as their
     diagonals) always from the N per-token gradients. ``seed`` fixes all random draws.
     ``cache`` is the operators' linearization cache (:func:`curvlab.ggn`; on small models
-    ``False`` is faster: tracing the linearization costs more than it saves).
+    ``False`` is faster: tracing the linearization costs more than it saves). ``precision`` and
+    ``compile`` are those of the curvature products (:mod:`curvlab.curvature.precision`;
+    ``tf32``/``bf16`` need ``dtype=torch.float32``); gradients and losses stay in ``dtype``.
     Never prints; ``progress`` (if given) receives short status strings.
 
     Raises :class:`~curvlab.errors.ConfigError` for unknown names or bad options and
@@ -218,7 +222,8 @@ def compare_preconditioners(
 
     say("gradient and curvature")
     problem = Problem(model, batches, blocks, dtype=dtype, device=device, dense_max=dense_max,
-                      logits_fn=logits_fn, ignore_index=ignore_index, cache=cache)
+                      logits_fn=logits_fn, ignore_index=ignore_index, cache=cache,
+                      precision=precision, compile=compile)
     builder = PreconditionerBuilder(problem, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
                                     diag_exact_max=diag_exact_max, diag_samples=diag_samples,
                                     kfac_estimator=kfac_estimator, kfac_samples=kfac_samples,

@@ -143,13 +143,15 @@ class Problem:
         logits_fn: LogitsFn | None = None,
         ignore_index: int = -100,
         cache: bool | str = "auto",
+        precision: str = "fp32",
+        compile: bool | str = False,
     ) -> None:
         self.model = model
         self.logits_fn = logits_fn or default_logits_fn
         self.ignore_index = ignore_index
         self.dense_max = dense_max
         self._op_kw = dict(dtype=dtype, device=device, ignore_index=ignore_index, cache=cache,
-                           logits_fn=logits_fn)
+                           logits_fn=logits_fn, precision=precision, compile=compile)
         op = ggn(model, as_batch_list(batches), blocks, **self._op_kw)
         self.ggn = Curvature(op, dense_max)
         self.partition: Partition = op.partition

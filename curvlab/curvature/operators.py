@@ -16,13 +16,16 @@
 All are :class:`CurvatureOperator`: ``op @ v`` for a vector, ``op @ V`` for a matrix of columns
 (``vmap``), ``op.block(row, col)``, ``op.block_diagonal()``, ``op.to_dense()``,
 ``op.to_scipy()``. Every product runs with gradient mode on and the math attention kernel.
+``precision`` (``fp32``, ``tf32``, ``bf16``) and ``compile`` (``torch.compile`` of the product
+closures) are described in :mod:`curvlab.curvature.precision`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +37,13 @@ from curvlab import distributed
 from curvlab.curvature.blocks import Partition, partition
 from curvlab.curvature.logit_space import LogitCurvature
 from curvlab.curvature.model_fn import LogitsFn, default_logits_fn, model_params
+from curvlab.curvature.precision import (
+    CompiledProduct,
+    CompileWarning,
+    check_precision,
+    compile_backend,
+    precision_context,
+)
 from curvlab.curvature.space import BlockSpace
 from curvlab.data.batches import Batch
 from curvlab.errors import ConfigError, CurvlabError
@@ -95,6 +105,8 @@ class _Engine:
         seed: int = 0,
         logits_fn: LogitsFn | None = None,
         cache_fraction: float = 0.5,
+        precision: str = "fp32",
+        compile: bool | str = False,
     ) -> None:
         self.model = model
         self.kind = kind
@@ -104,6 +116,8 @@ class _Engine:
         self.dtype, self.device = first.dtype, first.device
         if not self.dtype.is_floating_point:
             raise ConfigError(f"parameters must be floating point, got {self.dtype}")
+        self.precision = check_precision(precision, self.dtype)
+        self.compile_backend = compile_backend(compile)
         self.names = names
         self.num_params = sum(p.numel() for p in self.params.values())
         self.ignore_index = ignore_index
@@ -145,6 +159,13 @@ class _Engine:
     def active(self) -> dict[str, torch.Tensor]:
         return {k: self.params[k] for k in self.names}
 
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        """Gradient mode on, math attention, this operator's precision."""
+        with torch.enable_grad(), math_attention(), precision_context(self.precision,
+                                                                      self.device):
+            yield
+
     def estimate_cache_bytes(self) -> int:
         """Bytes the linearization cache needs: tensors saved by one forward pass, times 2
         (the ``J v`` graph and the VJP each keep their own), summed over batches."""
@@ -157,9 +178,7 @@ class _Engine:
 
         batch = self.batches[0]
         active = {k: v.detach().requires_grad_(True) for k, v in self.active().items()}
-        with torch.enable_grad(), math_attention(), torch.autograd.graph.saved_tensors_hooks(
-            pack, lambda t: t
-        ):
+        with self._context(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             self._fn(batch)(active)
         factor = 4 if self.kind == "hessian" else 2  # forward-over-reverse keeps more
         return factor * total * len(self.batches)
@@ -182,7 +201,7 @@ class _Engine:
                 )
         self.cached = bool(want)
         states = []
-        with torch.enable_grad(), math_attention():
+        with self._context():
             for batch in self.batches:
                 fn = self._fn(batch)
                 state: dict[str, Any] = {"fn": fn, "batch": batch}
@@ -199,10 +218,30 @@ class _Engine:
                         self._check_targets(z, targets)
                         _, state["vjp"] = vjp(fn, self.active())
                         state["M"] = self._logit_curvature(z, targets, batch.token_range)
+                        state["z_dtype"] = z.dtype  # bf16: the VJP takes a bf16 cotangent
                     else:
                         state["M"] = None  # built from the first product's forward pass
+                if self.compile_backend is not None:
+                    state["compiled"] = CompiledProduct(
+                        self._closure(state), self.compile_backend,
+                        f"{self.kind} ({'cached' if self.cached else 'fresh'})",
+                        trace=self.cached,  # stored pullbacks and linearized graphs
+                        on_failure=self._compile_failed)
                 states.append(state)
         self._states = states
+
+    def _closure(self, state: dict[str, Any]):
+        """The product on one batch as a function of the tangent alone (what is compiled)."""
+
+        def product(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return self._eager_one(state, t)
+
+        return product
+
+    def _compile_failed(self, error: BaseException) -> None:
+        """One failed compilation: every batch's products run eagerly (one warning)."""
+        for state in self._states or ():
+            state.pop("compiled", None)
 
     def _check_targets(self, z: torch.Tensor, targets: torch.Tensor) -> None:
         valid = targets[targets != self.ignore_index]
@@ -214,7 +253,7 @@ class _Engine:
                          token_range: tuple[int, int] | None = None) -> LogitCurvature:
         self._check_targets(z, targets)
         return LogitCurvature(
-            z.detach(), targets, kind=self.kind, scale=self.scale,
+            z.detach().to(self.dtype), targets, kind=self.kind, scale=self.scale,
             ignore_index=self.ignore_index, mc_samples=self.mc_samples,
             generator=self.generator, chunk_tokens=self.chunk_tokens, token_range=token_range,
         )
@@ -226,7 +265,8 @@ class _Engine:
             return
         for state in self._states:
             if state["M"] is None:
-                with torch.no_grad(), math_attention():
+                with torch.no_grad(), math_attention(), precision_context(self.precision,
+                                                                          self.device):
                     z = state["fn"](self.active())
                 state["M"] = self._logit_curvature(z, state["batch"].targets.reshape(-1),
                                                    state["batch"].token_range)
@@ -236,20 +276,28 @@ class _Engine:
         fn, targets = state["fn"], state["batch"].targets.reshape(-1)
 
         def loss(active: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            ce = torch.nn.functional.cross_entropy(
-                fn(active), targets, ignore_index=self.ignore_index, reduction="sum"
-            )
+            ce = torch.nn.functional.cross_entropy(  # bf16 logits: the loss in self.dtype
+                fn(active).to(self.dtype), targets, ignore_index=self.ignore_index,
+                reduction="sum")
             return ce * self.scale
 
         return loss
 
     def _product_one(self, state: dict[str, Any], t: dict[str, torch.Tensor]):
+        compiled = state.get("compiled")
+        if compiled is not None and (self.kind == "hessian" or state["M"] is not None):
+            return compiled(t)
+        return self._eager_one(state, t)
+
+    def _eager_one(self, state: dict[str, Any], t: dict[str, torch.Tensor]):
+        """One batch's product."""
         if self.kind == "hessian":
             if self.cached:
                 return state["hvp"](t)
             return jvp(grad(self._loss_fn(state)), (self.active(),), (t,))[1]
         if self.cached:
-            return state["vjp"](state["M"](state["jvp"](t)))[0]
+            u = state["M"](state["jvp"](t)).to(state["z_dtype"])
+            return state["vjp"](u)[0]
         fn = state["fn"]
 
         def with_tangent(p):
@@ -261,18 +309,21 @@ class _Engine:
         if state["M"] is None:
             state["M"] = self._logit_curvature(z, state["batch"].targets.reshape(-1),
                                                state["batch"].token_range)
-        return vjp_fn(state["M"](jz))[0]
+        return vjp_fn(state["M"](jz).to(jz.dtype))[0]
 
     def product(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Curvature times tangent ``t`` (dict over ``names``), summed over this process's
         batches (under ``torchrun`` the caller all-reduces, once per product)."""
         self._setup()
         total = None
-        with torch.enable_grad(), math_attention(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+        with self._context(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("ignore", UserWarning)  # torch.func's notes on linearize
+            warnings.simplefilter("always", CompileWarning)
             for state in self._states:
                 out = self._product_one(state, t)
                 total = out if total is None else {k: total[k] + out[k] for k in out}
+        for w in caught:  # what was not ignored, passed on to the caller's filters
+            warnings.warn(w.message, w.category, stacklevel=3)
         return total
 
 
@@ -310,9 +361,14 @@ class CurvatureOperator:
     def num_tokens(self) -> int:
         return self.engine.num_tokens
 
+    @property
+    def precision(self) -> str:
+        """``fp32``, ``tf32`` or ``bf16`` (:mod:`curvlab.curvature.precision`)."""
+        return self.engine.precision
+
     def __repr__(self) -> str:
         return (f"CurvatureOperator({self.label}, shape={self.shape}, dtype={self.dtype}, "
-                f"device={self.device}, tokens={self.num_tokens})")
+                f"precision={self.precision}, device={self.device}, tokens={self.num_tokens})")
 
     def _local_matvec(self, v: torch.Tensor) -> torch.Tensor:
         e = self.engine
@@ -496,6 +552,8 @@ def ggn(
     cache: bool | str = "auto",
     chunk_tokens: int = 4096,
     logits_fn: LogitsFn | None = None,
+    precision: str = "fp32",
+    compile: bool | str = False,
 ) -> CurvatureOperator:
     """Generalized Gauss-Newton ``G = Jᵀ H_z J`` of the mean token cross-entropy.
 
@@ -504,10 +562,13 @@ def ggn(
     :class:`Partition`, a preset name or globs; default the layer partition). ``cache``:
     ``"auto"`` caches the linearization when it fits in half the free memory, else recomputes
     per product (with a :class:`CacheWarning`); ``True``/``False`` force it.
+    ``precision``: ``fp32`` (default), ``tf32`` or ``bf16`` products of float32 parameters;
+    ``compile``: ``torch.compile`` of the product closures (``True`` or a backend name), eager
+    after one warning where it fails (:mod:`curvlab.curvature.precision`).
     """
     return _make("ggn", model, batches, blocks, dtype=dtype, device=device,
                  ignore_index=ignore_index, cache=cache, chunk_tokens=chunk_tokens,
-                 logits_fn=logits_fn)
+                 logits_fn=logits_fn, precision=precision, compile=compile)
 
 
 def hessian(
@@ -520,12 +581,16 @@ def hessian(
     ignore_index: int = -100,
     cache: bool | str = "auto",
     logits_fn: LogitsFn | None = None,
+    precision: str = "fp32",
+    compile: bool | str = False,
 ) -> CurvatureOperator:
     """Hessian ``H = ∂²L/∂θ²`` of the mean token cross-entropy by forward-over-reverse
     (``jvp`` of ``grad``). On a fixed batch the forward-over-reverse graph is linearized once
-    (``torch.func.linearize``) when it fits (``cache``, as for :func:`ggn`)."""
+    (``torch.func.linearize``) when it fits (``cache``, as for :func:`ggn`). ``precision`` and
+    ``compile`` as for :func:`ggn`."""
     return _make("hessian", model, batches, blocks, dtype=dtype, device=device,
-                 ignore_index=ignore_index, cache=cache, chunk_tokens=4096, logits_fn=logits_fn)
+                 ignore_index=ignore_index, cache=cache, chunk_tokens=4096, logits_fn=logits_fn,
+                 precision=precision, compile=compile)
 
 
 def fisher(
@@ -542,16 +607,20 @@ def fisher(
     cache: bool | str = "auto",
     chunk_tokens: int = 4096,
     logits_fn: LogitsFn | None = None,
+    precision: str = "fp32",
+    compile: bool | str = False,
 ) -> CurvatureOperator:
     """Fisher ``Jᵀ M J``: ``kind="empirical"`` uses the true labels, ``M_n = g_n g_nᵀ / N``
     with ``g_n = ∂ℓ_n/∂z_n``; ``kind="mc"`` draws ``mc_samples`` labels per token from the
-    model's softmax (``seed``), an unbiased estimate of the GGN."""
+    model's softmax (``seed``), an unbiased estimate of the GGN. ``precision`` and ``compile``
+    as for :func:`ggn`."""
     kinds = {"empirical": "efisher", "mc": "mcfisher"}
     if kind not in kinds:
         raise ConfigError(f"unknown Fisher kind {kind!r}; expected empirical or mc")
     return _make(kinds[kind], model, batches, blocks, dtype=dtype, device=device,
                  ignore_index=ignore_index, cache=cache, chunk_tokens=chunk_tokens,
-                 mc_samples=mc_samples, seed=seed, logits_fn=logits_fn)
+                 mc_samples=mc_samples, seed=seed, logits_fn=logits_fn, precision=precision,
+                 compile=compile)
 
 
 CURVATURES = {"ggn": ggn, "hessian": hessian, "efisher": fisher, "mcfisher": fisher}

@@ -52,9 +52,12 @@ def verify_operators(
     ignore_index: int = -100,
     logits_fn: LogitsFn | None = None,
 ) -> list[CheckResult]:
-    """Run every check (see module docstring) in float64 on ``blocks`` of ``model``."""
+    """Run every check (see module docstring) in float64 on ``blocks`` of ``model``, on the
+    model's device (``batch`` is moved there)."""
     logits_fn = logits_fn or default_logits_fn
     params = model_params(model, torch.float64)
+    dev = next(iter(params.values())).device
+    batch = batch.to(dev)
     space = BlockSpace(blocks, {n: p.shape for n, p in params.items()})
     names = space.params
     frozen = {k: v for k, v in params.items() if k not in names}
@@ -72,9 +75,9 @@ def verify_operators(
 
     gen = torch.Generator().manual_seed(seed)
     n = space.size
-    v = torch.randn(n, generator=gen, dtype=torch.float64)
-    u = torch.randn(n, generator=gen, dtype=torch.float64)
-    x0 = torch.zeros(n, dtype=torch.float64)
+    v = torch.randn(n, generator=gen, dtype=torch.float64).to(dev)  # drawn on the CPU
+    u = torch.randn(n, generator=gen, dtype=torch.float64).to(dev)
+    x0 = torch.zeros(n, dtype=torch.float64, device=dev)
     kw = dict(dtype=torch.float64, ignore_index=ignore_index, logits_fn=logits_fn)
     H = hessian(model, batch, blocks, **kw)
     G = ggn(model, batch, blocks, cache=True, **kw)
@@ -101,7 +104,8 @@ def verify_operators(
         def jcol(e: torch.Tensor) -> torch.Tensor:
             return jvp(logits_of, (x0,), (e,))[1].reshape(-1)
 
-        J = vmap(jcol, in_dims=1, out_dims=1, chunk_size=64)(torch.eye(n, dtype=torch.float64))
+        J = vmap(jcol, in_dims=1, out_dims=1, chunk_size=64)(
+            torch.eye(n, dtype=torch.float64, device=dev))
         ref = J.T @ hz.reshape(-1)
         results.append(CheckResult("ggn-vs-explicit-jacobian", _rel(gv, ref), 1e-10,
                                    _rel(gv, ref) <= 1e-10))
@@ -128,7 +132,8 @@ def _upstream_check(model, batch, params, targets, ignore_index, logits_fn, gen)
         return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), targets,
                                                  ignore_index=ignore_index)
 
-    v = {k: torch.randn(params[k].shape, generator=gen, dtype=torch.float64) for k in names}
+    v = {k: torch.randn(params[k].shape, generator=gen, dtype=torch.float64).to(params[k].device)
+         for k in names}
     upstream = jvp(jacrev(loss), (params,), (v,))[1]
     leaves = {k: t.clone().requires_grad_(True) for k, t in params.items()}
     grads = torch.autograd.grad(loss(leaves), list(leaves.values()), create_graph=True)

@@ -29,7 +29,7 @@ STR = h5py.string_dtype()  # variable-length UTF-8
 DTYPES = ("float32", "float64")
 
 # Provenance fields that must be equal for a file to be resumed (the rest describe the run).
-IDENTITY = ("checkpoint_sha256", "model", "data", "dtype", "loss")
+IDENTITY = ("checkpoint_sha256", "model", "data", "dtype", "precision", "loss")
 
 
 class StoreError(CurvlabError):
@@ -102,6 +102,7 @@ class Provenance:
     data: dict[str, Any]
     dtype: str
     device: str
+    precision: str = "fp32"  # of the products (curvlab.curvature.precision); older files: fp32
     loss: str = LOSS
     curvlab_version: str = ""
     torch_version: str = ""
@@ -143,16 +144,19 @@ def make_provenance(
     data: Mapping[str, Any],
     dtype: Any,
     device: Any,
+    precision: str = "fp32",
 ) -> Provenance:
     """Provenance of a computation on ``checkpoint`` (its SHA-256 is computed here).
 
     ``model`` is the model config as a dict; ``data`` the data description (source,
-    tokenizer, seq_len, batch_size, batches, seed, windows, tokens, ...).
+    tokenizer, seq_len, batch_size, batches, seed, windows, tokens, ...); ``precision`` the
+    arithmetic of the curvature products (``fp32``, ``tf32``, ``bf16``).
     """
     curvlab_version, torch_version = _versions()
     return Provenance(
         checkpoint=str(checkpoint), checkpoint_sha256=sha256_file(checkpoint),
         model=dict(model), data=dict(data), dtype=dtype_name(dtype), device=str(device),
+        precision=str(precision),
         curvlab_version=curvlab_version, torch_version=torch_version,
     )
 
