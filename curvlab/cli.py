@@ -719,11 +719,12 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
               show_default=True,
               help="K-FAC output factor: sampled labels or exact (N·V passes).")
 @click.option("--kfac-samples", type=int, default=4, show_default=True)
-@click.option("--diag-exact-max", type=int, default=16384, show_default=True,
+@click.option("--diag-exact-max", type=int, default=4096, show_default=True,
               help="diag(G) of blocks above --dense-max: exact from the N·V per-token root "
                    "columns when N·V is at most this, else Monte-Carlo.")
-@click.option("--diag-samples", type=int, default=4, show_default=True,
-              help="Monte-Carlo labels per token for diag(G) (N·samples pullbacks).")
+@click.option("--diag-samples", type=int, default=64, show_default=True,
+              help="Monte-Carlo label draws per token for diag(G) (one pullback per "
+                   "sequence and draw).")
 @click.option("--spectrum/--no-spectrum", default=True, show_default=True,
               help="Condition numbers of the preconditioned GN matrix.")
 @click.option("--per-block", is_flag=True, help="Also print each block's share of the decrease.")

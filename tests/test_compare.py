@@ -230,17 +230,17 @@ def test_monte_carlo_ggn_diagonal_is_nonnegative_and_converges(setup):
     problem = Problem(model, batch, "layer", dense_max=0, cache=False)
     exact = G.diagonal()
     errors = {}
-    # seed 0: relative errors 0.29 and 0.058 (over 5 seeds 0.10-0.29 and 0.023-0.058); the
-    # stated bounds 0.34 and 0.090
+    # label draws per token, one pullback per sequence and draw; seed 0: relative errors 0.33
+    # and 0.071 (over seeds 0-4: 0.18-0.33 and 0.043-0.071), stated bounds 0.38 and 0.106
     for samples in (25, 400):
         est = ggn_diagonal(problem, exact_max=0, samples=samples, seed=0)
         assert est.info.estimators == ("mc",) * 4 and est.info.samples == samples
-        assert est.info.pullbacks == 16 * samples
+        assert est.info.pullbacks == 2 * samples  # 2 sequences
         assert bool((est.values >= 0).all())
         errors[samples] = float((est.values - exact).norm() / exact.norm())
-        # the stated (conservative) error bounds the measured one
+        # the stated standard error is of the size of the measured error
         assert errors[samples] <= max(est.info.rel_errors)
-    assert errors[400] < 0.07
+    assert errors[400] < 0.09
     assert 2 < errors[25] / errors[400] < 8  # ~ 1/√S: 4
     again = ggn_diagonal(problem, exact_max=0, samples=25, seed=0)
     assert torch.equal(again.values, ggn_diagonal(problem, exact_max=0, samples=25,

@@ -410,7 +410,7 @@ class PreconditionerBuilder:
     rotated diagonal, the K-FAC factors) and reusing it for every damping."""
 
     def __init__(self, problem: Problem, *, cg_tol: float = 1e-6, cg_max_iter: int | None = None,
-                 diag_exact_max: int = 16384, diag_samples: int = 4,
+                 diag_exact_max: int = 4096, diag_samples: int = 64,
                  kfac_estimator: str = "mc", kfac_samples: int = 4,
                  max_precond_dim: int = 10000, seed: int = 0) -> None:
         if diag_exact_max < 0 or diag_samples < 1:

@@ -41,7 +41,12 @@ import torch
 from torch import nn
 
 from curvlab import distributed
-from curvlab.curvature.logit_space import sample_labels, token_columns, token_cotangents
+from curvlab.curvature.logit_space import (
+    label_cotangents,
+    sample_labels,
+    token_columns,
+    token_cotangents,
+)
 from curvlab.curvature.model_fn import LogitsFn, default_logits_fn
 from curvlab.curvature.space import BlockSpace
 from curvlab.data.batches import Batch
@@ -178,7 +183,8 @@ def kfac_factors(
                 cots = token_cotangents(p, mask / total, *token_columns(
                     p, targets, kind="exact", ignore_index=ignore_index), chunk=chunk)
             else:
-                cots = _mc_cotangents(p, mask / total, samples, gen, chunk, batch.token_range)
+                labels = sample_labels(p, samples, gen, batch.token_range)  # [samples, N]
+                cots = label_cotangents(p, mask / total, labels, chunk=chunk)
             for cot in cots:
                 grads = torch.autograd.grad(z, [q for _, q in probes], grad_outputs=cot,
                                             retain_graph=True, is_grads_batched=True)
@@ -207,16 +213,3 @@ def kfac_factors(
         scale = total / samples if estimator == "mc" else float(total)
         out.append(KFACFactors(ly, sums_a[ly.module] / t, scale * sums_b[ly.module], t, total))
     return out
-
-
-def _mc_cotangents(p: torch.Tensor, weight: torch.Tensor, samples: int, gen: torch.Generator,
-                   chunk: int, token_range: tuple[int, int] | None = None):
-    """Batches ``[k, N, V]`` of logit cotangents ``u = weight (p − e_ŷ)`` over all tokens at
-    once, ``samples`` label draws: ``E[u uᵀ] = Σ_n weight_n² (diag p_n − p_n p_nᵀ)`` per token;
-    cross-token terms vanish in expectation (independent zero-mean labels)."""
-    v = p.shape[1]
-    w = weight[:, None]
-    labels = sample_labels(p, samples, gen, token_range)  # [samples, N]
-    for s in range(0, samples, chunk):
-        onehot = nn.functional.one_hot(labels[s:s + chunk], v).to(p.dtype)
-        yield (p[None] - onehot) * w[None]

@@ -13,11 +13,11 @@ vocabulary does not need several ``[N, V]`` temporaries at once.
 
 Square-root factors (:func:`token_columns`, :func:`token_cotangents`): every per-token matrix
 above is a sum of outer products of vectors ``a (e_c − p_n)``:
-``diag p − p pᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ`` (the *root columns*, V per token),
-``g_n g_nᵀ`` (one column, the true label ``c = y_n``) and its Monte-Carlo version (``K``
-sampled labels, ``a = 1/√K``). A cotangent that is one such column at one token, pulled back
-through the network (one VJP), gives that token's contribution to a diagonal or a Kronecker
-factor without any cross-token term.
+``diag p − p pᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ`` (the *root columns*, V per token) and
+``g_n g_nᵀ`` (one column, the true label ``c = y_n``). A cotangent that is one such column at
+one token, pulled back through the network (one VJP), gives that token's contribution to a
+diagonal or a Kronecker factor without any cross-token term. Sampled labels
+(:func:`label_cotangents`) give it in expectation with one cotangent for many tokens.
 """
 
 from __future__ import annotations
@@ -127,40 +127,45 @@ def sample_labels(
     return labels.T.contiguous().to(probs.device)
 
 
-TOKEN_COLUMNS = ("exact", "mc", "empirical")
+TOKEN_COLUMNS = ("exact", "empirical")
 
 
 def token_columns(
     probs: torch.Tensor, targets: torch.Tensor, *, kind: str, ignore_index: int = -100,
-    samples: int = 1, generator: torch.Generator | None = None,
-    token_range: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Columns ``a_k (e_{c_k} − p_{i_k})`` at tokens ``i_k`` whose outer products sum to a
     per-token logit-space matrix: ``(tokens, classes, coef)``, each of shape ``[K]``.
 
     - ``exact``: every class of every token, ``a = √p_c``: ``Σ_k = diag p_n − p_n p_nᵀ``
       (V columns per token);
-    - ``mc``: ``samples`` labels ``ŷ ~ p_n`` per token (:func:`sample_labels`, so a row shard
-      draws what the whole batch draws), ``a = 1/√samples``: ``E[Σ_k] = diag p_n − p_n p_nᵀ``;
     - ``empirical``: the true label, ``a = 1``: ``Σ_k = g_n g_nᵀ``, ``g_n = p_n − e_{y_n}``.
 
     Ignored tokens get no column. ``probs`` ``[N, V]`` (a softmax), ``targets`` ``[N]``.
+    (Monte-Carlo labels: :func:`sample_labels` and :func:`label_cotangents`.)
     """
     if kind not in TOKEN_COLUMNS:
         raise ValueError(f"unknown column kind {kind!r}; expected one of {TOKEN_COLUMNS}")
-    n, v = probs.shape
-    keep = targets != ignore_index
-    rows = torch.nonzero(keep).flatten()
+    v = probs.shape[1]
+    rows = torch.nonzero(targets != ignore_index).flatten()
     if kind == "exact":
         tokens = rows.repeat_interleave(v)
         classes = torch.arange(v, device=probs.device).repeat(len(rows))
         return tokens, classes, probs[tokens, classes].sqrt()
-    if kind == "empirical":
-        return rows, targets[rows], probs.new_ones(len(rows))
-    labels = sample_labels(probs, samples, generator, token_range)  # [samples, N]
-    keep_s = keep[None].expand(samples, n)
-    tokens = torch.arange(n, device=probs.device)[None].expand(samples, n)[keep_s]
-    return tokens, labels[keep_s], probs.new_full((len(tokens),), samples ** -0.5)
+    return rows, targets[rows], probs.new_ones(len(rows))
+
+
+def label_cotangents(
+    probs: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 64,
+) -> Iterator[torch.Tensor]:
+    """Batches ``[k, N, V]`` of logit cotangents ``u_s = weight ⊙ (p − e_{ŷ_s})`` over all N
+    tokens at once, one per row ``s`` of ``labels`` ``[S, N]`` (e.g. :func:`sample_labels`):
+    for labels drawn from p, ``E[u uᵀ]`` is ``weight_n² (diag p_n − p_n p_nᵀ)`` per token
+    and the cross-token terms vanish in expectation (independent zero-mean labels)."""
+    v = probs.shape[1]
+    w = weight[None, :, None]
+    for s in range(0, labels.shape[0], max(1, chunk)):
+        onehot = torch.nn.functional.one_hot(labels[s:s + chunk], v).to(probs.dtype)
+        yield (probs[None] - onehot) * w
 
 
 def token_cotangents(
