@@ -198,6 +198,10 @@ def _float_list(text: str | None, option: str) -> tuple[float, ...] | None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [cpu].")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
               help="Training precision [float32].")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default=None,
+              help="Arithmetic of the baselines' forward passes and the GN inner gradients: "
+                   "fp32, tf32 (CUDA tensor cores; no-op on CPU), bf16 (autocast); tf32/bf16 "
+                   "need --dtype float32 [fp32].")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar.")
 def train(optimizer, preset_name, init_path, data_source, seq_len, micro_batch_size, seed, lr,
@@ -206,7 +210,7 @@ def train(optimizer, preset_name, init_path, data_source, seq_len, micro_batch_s
           line_search_range, line_search_batches, no_line_search, damping, schedule,
           warmup_steps, ema_decay, max_steps,
           target_loss, eval_every, eval_batches, checkpoint_every, out, resume, device, dtype,
-          progress, tokenizer=None, text_field=None) -> None:
+          progress, tokenizer=None, text_field=None, precision=None) -> None:
     """Train with AdamW, Muon, SOAP or (layerwise) Gauss-Newton, writing checkpoints that the
     analysis commands read."""
     from curvlab.train import TrainConfig
@@ -225,6 +229,7 @@ def train(optimizer, preset_name, init_path, data_source, seq_len, micro_batch_s
         warmup_steps=warmup_steps, ema_decay=ema_decay, max_steps=max_steps,
         target_loss=target_loss, eval_every=eval_every, eval_batches=eval_batches,
         checkpoint_every=checkpoint_every, out=out, resume=resume, device=device, dtype=dtype,
+        precision=precision,
     )
     config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
     # under torchrun every process trains on its rows of each micro-batch; rank 0 writes

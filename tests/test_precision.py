@@ -178,3 +178,35 @@ def test_cli_precision_in_provenance_and_refusal(tmp_path, capsys):
     assert_clean_error(capsys, "extract", ckpt, "--precision", "tf32", "-o", tmp_path / "e.h5",
                        match="--precision tf32 needs --dtype float32")
     assert not (tmp_path / "e.h5").exists()
+
+
+def test_gn_inner_gradient_and_training_at_bf16():
+    from curvlab.curvature.model_fn import model_params
+    from curvlab.train import TrainConfig, inner_gradient, train
+
+    m64 = make_model(LLAMA_TEST)
+    m32 = copy.deepcopy(m64).float()
+    batch = make_batch(LLAMA_TEST)
+    gen = torch.Generator().manual_seed(2)
+    t64 = model_params(m64)
+    d64 = {k: 0.01 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+           for k, p in t64.items()}
+    t32, d32 = model_params(m32), {k: d.float() for k, d in d64.items()}
+
+    def flat(r):
+        return torch.cat([g.reshape(-1) for g in r.grad.values()])
+
+    for mode in ("gn", "prox"):
+        ref = inner_gradient(m64, t64, d64, batch, mode=mode)
+        fp32 = inner_gradient(m32, t32, d32, batch, mode=mode)
+        bf16 = inner_gradient(m32, t32, d32, batch, mode=mode, precision="bf16")
+        assert rel(flat(fp32), flat(ref)) < 1e-5
+        assert 1e-5 < rel(flat(bf16), flat(ref)) < BF16_TOL
+        assert abs(bf16.model_loss - ref.model_loss) < BF16_TOL * abs(ref.model_loss)
+        assert all(g.dtype == torch.float32 for g in bf16.grad.values())
+    with pytest.raises(ConfigError, match="precision bf16 needs dtype float32"):
+        TrainConfig(precision="bf16", dtype="float64")
+    runs = {p: train(TrainConfig(optimizer="adamw", max_steps=1, micro_batch_size=2, seq_len=16,
+                                 eval_batches=1, precision=p)) for p in ("fp32", "bf16")}
+    a, b = (runs[p].history[-1]["train_loss"] for p in ("fp32", "bf16"))
+    assert abs(a - b) < BF16_TOL * abs(a)

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from curvlab.curvature.precision import PRECISIONS
 from curvlab.data.batches import WINDOWS
 from curvlab.errors import ConfigError, CurvlabError
 from curvlab.models.config import PRESETS, strict_from_dict
@@ -43,6 +44,10 @@ class TrainConfig:
     else a fresh ``preset`` (default ``tiny``) built
     with ``seed``. Data: ``data`` source, ``seq_len`` (default the model's), micro-batches of
     ``micro_batch_size`` sequences, batch ``i`` of the stream fixed by (``seed``, ``i``).
+    ``precision`` (``fp32``, ``tf32``, ``bf16``; the last two with ``dtype="float32"``): the
+    arithmetic of the baselines' forward passes and of the GN inner gradients
+    (:mod:`curvlab.curvature.precision`); parameters, optimizer states, the line search and the
+    evaluation stay in ``dtype``.
     """
 
     optimizer: str = "adamw"
@@ -93,6 +98,7 @@ class TrainConfig:
     resume: bool = False
     device: str = "cpu"
     dtype: str = "float32"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -116,6 +122,11 @@ class TrainConfig:
               "schedule constant+inner-cosine needs a GN optimizer (it has inner steps)")
         check(self.windows in WINDOWS, f"unknown windows mode {self.windows!r}")
         check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+        check(self.precision in PRECISIONS,
+              f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        check(self.precision == "fp32" or self.dtype == "float32",
+              f"precision {self.precision} needs dtype float32 (TF32 and bfloat16 autocast leave "
+              "float64 untouched)")
         for name in ("inner_steps", "micro_batch_size", "grad_accum", "eval_every",
                      "eval_batches", "ns_steps", "precondition_frequency", "max_precond_dim"):
             check(getattr(self, name) >= 1,

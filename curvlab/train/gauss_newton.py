@@ -48,6 +48,7 @@ from torch import nn
 from curvlab import distributed
 from curvlab.curvature.blocks import Partition, partition
 from curvlab.curvature.model_fn import LogitsFn, default_logits_fn, extract_logits
+from curvlab.curvature.precision import check_precision
 from curvlab.data.batches import Batch
 from curvlab.errors import ConfigError, CurvlabError
 from curvlab.train.config import TrainConfig, TrainingDivergedError
@@ -221,6 +222,9 @@ class GaussNewton:
     scoring batches needed), or an explicit sequence of step sizes.
     damping: Levenberg-Marquardt ``λ`` of the inner problem (0, as in the paper).
     grad_clip: inner gradients clipped to this global norm per block (0: off).
+    precision: arithmetic of the inner gradients (``fp32``, ``tf32``, ``bf16``;
+    :mod:`curvlab.curvature.precision`); the line search scores the true loss in the
+    parameters' dtype.
     Defaults equal :class:`curvlab.TrainConfig`'s, so ``curvlab train --optimizer gn`` and this
     object take the same steps.
     """
@@ -235,7 +239,7 @@ class GaussNewton:
         line_search: bool | Sequence[float] = True, line_search_range: int | None = None,
         warm_start: bool = True, schedule: str = "constant", total_steps: int | None = None,
         warmup_steps: int = 0, final_lr_frac: float = 0.0,
-        logits_fn: LogitsFn | None = None, ignore_index: int = -100,
+        logits_fn: LogitsFn | None = None, ignore_index: int = -100, precision: str = "fp32",
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"unknown GN mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -281,6 +285,7 @@ class GaussNewton:
         self.schedule, self.total_steps = schedule, total_steps
         self.warmup_steps, self.final_lr_frac = warmup_steps, final_lr_frac
         self.logits_fn, self.ignore_index = logits_fn, ignore_index
+        self.precision = check_precision(precision, next(model.parameters()).dtype)
         self.steps = 0
         self.point: Tensors = {n: model.get_parameter(n).detach().clone() for n in self.names}
         self.optimizer = self._new_optimizer()
@@ -294,7 +299,8 @@ class GaussNewton:
                    ns_steps=cfg.ns_steps, grad_clip=cfg.grad_clip, damping=cfg.damping,
                    line_search=(cfg.line_search_grid if cfg.use_line_search else False),
                    warm_start=cfg.warm_start, schedule=cfg.schedule, total_steps=cfg.max_steps,
-                   warmup_steps=cfg.warmup_steps, final_lr_frac=cfg.final_lr_frac)
+                   warmup_steps=cfg.warmup_steps, final_lr_frac=cfg.final_lr_frac,
+                   precision=cfg.precision)
 
     @staticmethod
     def _blocks(model: nn.Module, spec: Any, trainable: list[str]) -> list[list[str]]:
@@ -391,7 +397,8 @@ class GaussNewton:
                 self.model, theta, self.point, self.optimizer, [i.batch for i in inner],
                 self.blocks, mode=self.mode, damping=self.damping, clip=self.grad_clip,
                 lr=lambda k: self.lr(t, k, n), ignore_index=self.ignore_index,
-                logits_fns=[_with_mask(self.logits_fn, i.attention_mask) for i in inner])
+                logits_fns=[_with_mask(self.logits_fn, i.attention_mask) for i in inner],
+                precision=self.precision)
         except TrainingDivergedError:
             self._reset()
             raise

@@ -35,6 +35,7 @@ from torch.func import jvp, vjp
 from curvlab import distributed
 from curvlab.curvature.logit_space import LogitCurvature, logit_gradient
 from curvlab.curvature.model_fn import LogitsFn, default_logits_fn
+from curvlab.curvature.precision import check_precision, precision_context
 from curvlab.data.batches import Batch
 from curvlab.errors import CurvlabError
 from curvlab.models.attention import math_attention
@@ -99,10 +100,14 @@ def token_counts(batches: Sequence[Batch], ignore_index: int = -100) -> list[int
 def inner_gradient(
     model: nn.Module, theta: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
     batch: Batch, *, mode: str = "gn", damping: float = 0.0, ignore_index: int = -100,
-    logits_fn: LogitsFn | None = None, num_tokens: int | None = None,
+    logits_fn: LogitsFn | None = None, num_tokens: int | None = None, precision: str = "fp32",
 ) -> InnerGradient:
     """Gradient of the inner loss ``m`` (module docstring) w.r.t. ``delta`` (its keys are the
     active parameters) on ``batch``, at the linearization point ``theta``.
+
+    ``precision``: the arithmetic of the forward pass carrying Δ and of the VJP (``fp32``,
+    ``tf32``, ``bf16``: :mod:`curvlab.curvature.precision`; the logit-space terms, the losses
+    and the gradient stay in the parameters' dtype).
 
     Under ``torchrun`` ``batch`` is this rank's rows of the micro-batch and the result (on every
     rank) is that of the whole micro-batch: one ``all_reduce`` of the gradient and the losses.
@@ -116,6 +121,8 @@ def inner_gradient(
     if n == 0:
         raise CurvlabError("micro-batch has no target tokens that are not ignored")
     scale = 1.0 / n
+    first = theta[names[0]]
+    check_precision(precision, first.dtype)
     fn = logits_function(model, theta, names, batch.inputs, logits_fn)
     values: dict[str, torch.Tensor] = {}
 
@@ -124,19 +131,22 @@ def inner_gradient(
             z, targets, ignore_index=ignore_index, reduction="sum") * scale
 
     def cotangent(z: torch.Tensor, jz: torch.Tensor) -> torch.Tensor:
+        low = z.dtype  # bf16 under autocast: the logit-space terms in the parameters' dtype
+        z, jz = z.to(first.dtype), jz.to(first.dtype)
         values["loss"] = ce(z)
         if mode == "prox":
             values["model"] = ce(z + jz)
-            return logit_gradient(z + jz, targets, scale=scale, ignore_index=ignore_index)
+            return logit_gradient(z + jz, targets, scale=scale,
+                                  ignore_index=ignore_index).to(low)
         curvature = LogitCurvature(z, targets, kind="ggn", scale=scale, ignore_index=ignore_index)
         g = logit_gradient(z, targets, scale=scale, ignore_index=ignore_index,
                            probs=curvature.probs)  # one softmax for both
         hjz = curvature(jz)
         values["model"] = values["loss"] + (g * jz).sum() + 0.5 * (jz * hjz).sum()
-        return g + hjz
+        return (g + hjz).to(low)
 
     primals = {k: theta[k] for k in names}
-    with torch.enable_grad(), math_attention():
+    with torch.enable_grad(), math_attention(), precision_context(precision, first.device):
         _, _, grad = linearized_vjp(fn, primals, delta, cotangent)
     losses = torch.stack([values["loss"].detach(), values["model"].detach()])
     if distributed.active():  # sums over the ranks' rows: one collective per inner gradient
@@ -172,7 +182,7 @@ def solve_direction(
     optimizer: torch.optim.Optimizer, batches: Sequence[Batch], blocks: Sequence[Sequence[str]],
     *, mode: str = "gn", damping: float = 0.0, clip: float = 0.0,
     lr: Callable[[int], float] | None = None, ignore_index: int = -100,
-    logits_fns: Sequence[LogitsFn | None] | None = None,
+    logits_fns: Sequence[LogitsFn | None] | None = None, precision: str = "fp32",
 ) -> Direction:
     """Minimize the inner loss over each block in turn, others frozen at ``theta``.
 
@@ -182,7 +192,8 @@ def solve_direction(
     block if > 0), learning rate ``lr(k)`` at inner step ``k``. One block holding all parameters
     is full GN; the layer partition is layerwise GN (every block from the same θ_t, solutions
     merged). ``logits_fns``: the logits function of each micro-batch (None: the model's
-    forward). Returns ``Δ = θ' − θ_t`` for every key of ``point``.
+    forward). ``precision``: that of every inner gradient (:func:`inner_gradient`). Returns
+    ``Δ = θ' − θ_t`` for every key of ``point``.
 
     Under ``torchrun`` ``batches`` are this rank's rows of the micro-batches; every inner
     gradient is all-reduced (:func:`inner_gradient`), so ``point`` and the optimizer stay the
@@ -200,7 +211,7 @@ def solve_direction(
             delta = {name: point[name] - theta[name] for name in block}
             r = inner_gradient(model, theta, delta, batch, mode=mode, damping=damping,
                                ignore_index=ignore_index, logits_fn=fns[k],
-                               num_tokens=counts[k])
+                               num_tokens=counts[k], precision=precision)
             if b == 0:
                 losses.append(r.loss)
                 model_losses.append(r.model_loss)

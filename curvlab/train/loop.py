@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from curvlab import distributed
 from curvlab.checkpoint import load_checkpoint, save_checkpoint
+from curvlab.curvature.precision import precision_context
 from curvlab.data.batches import Batch, BatchStream, DataSpec, bind_tokenizer
 from curvlab.data.tokenizer import auto_tokenizer
 from curvlab.errors import CheckpointError, ConfigError, CurvlabError
@@ -118,7 +119,9 @@ class _Baseline:
         for k, (b, n) in enumerate(zip(batches, counts)):
             sync = k == K - 1 or self.net is self.model
             with nullcontext() if sync else self.net.no_sync():
-                ce = ce_sum(self.net(b.inputs), b.targets)
+                with precision_context(cfg.precision, self.params[0].device):
+                    logits = self.net(b.inputs)  # bf16: autocast; the loss in the params' dtype
+                ce = ce_sum(logits.to(self.params[0].dtype), b.targets)
                 (ce / n * world / K).backward()
             sums.append(float(ce.detach()))
         totals = distributed.sum_scalars(*sums)
