@@ -59,7 +59,7 @@ class Settings:
     warmup_lr: float = 3e-3
     batches: tuple[int, ...] = (4, 16, 64)
     outer_steps: int = 30
-    target_loss: float = 2.0
+    target_loss: float = 2.2
     eval_every: int = 2
     eval_batches: int = 8
     inner_lr: float = 0.01
@@ -227,8 +227,11 @@ def _fmt(r: dict) -> str:
 
 
 def _style(m: str) -> dict:
+    """One color per method in every figure (whatever subset a figure shows)."""
+    order = (*GN_METHODS, *BASELINES)
     return {"linestyle": "-" if m in GN_METHODS else "--",
-            "marker": "o" if m in GN_METHODS else "s"}
+            "marker": "o" if m in GN_METHODS else "s",
+            "color": f"C{order.index(m)}" if m in order else None}
 
 
 def _plot(per: dict[int, dict[str, dict]], s: Settings, out: Path) -> None:
@@ -259,7 +262,7 @@ def _plot(per: dict[int, dict[str, dict]], s: Settings, out: Path) -> None:
     for m, r in per[top].items():
         ax.plot([c[0] for c in r["curve"]], [c[2] for c in r["curve"]],
                 label=m + (f" (lr {r['lr']:g})" if m in s.lrs else ""),
-                linestyle=_style(m)["linestyle"])
+                linestyle=_style(m)["linestyle"], color=_style(m)["color"])
     ax.axhline(s.target_loss, color="gray", linewidth=0.8, linestyle=":")
     ax.set_xlabel("outer step")
     ax.set_ylabel("validation loss")
@@ -275,13 +278,14 @@ def _plot(per: dict[int, dict[str, dict]], s: Settings, out: Path) -> None:
         if r is None:
             continue
         xs = range(1, len(r["ls_steps"]) + 1)
-        a1.plot(xs, r["ls_steps"], label=m, marker=".")
-        a2.plot(xs, r["inner_decrease"], label=m, marker=".")
+        a1.plot(xs, r["ls_steps"], label=m, marker=".", color=_style(m)["color"])
+        a2.plot(xs, r["inner_decrease"], label=m, marker=".", color=_style(m)["color"])
     a1.set_xlabel("outer step")
     a1.set_ylabel("line-search step size")
     a2.set_xlabel("outer step")
     a2.set_ylabel("predicted decrease L(θ) − m(Δ)")
-    a2.set_yscale("log")
+    a2.set_yscale("symlog", linthresh=1e-3)  # negative: the last inner model value is above L
+    a2.axhline(0, color="gray", linewidth=0.8)
     a1.legend(fontsize=8)
     fig.suptitle(f"GN methods at {top * tokens:,} tokens per step")
     fig.tight_layout()
