@@ -107,16 +107,16 @@ def test_precision_errors_are_one_line_config_errors():
 def test_cuda_tf32_flag_is_set_inside_and_restored():
     """The flag is process state; no GPU is needed to set it. On the CPU nothing is touched."""
     matmul = torch.backends.cuda.matmul
-    attr = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
-    before = getattr(matmul, attr)
+    before = matmul.allow_tf32
     with precision_context("tf32", "cuda"):
-        assert getattr(matmul, attr) in ("tf32", True)
-    assert getattr(matmul, attr) == before
+        assert matmul.allow_tf32 is True
+        assert torch.get_float32_matmul_precision() == "high"  # readers of either API agree
+    assert matmul.allow_tf32 == before
     with precision_context("fp32", "cuda"):
-        assert getattr(matmul, attr) in ("ieee", False)
+        assert matmul.allow_tf32 is False
     with precision_context("tf32", "cpu"):
-        assert getattr(matmul, attr) == before
-    assert getattr(matmul, attr) == before
+        assert matmul.allow_tf32 == before
+    assert matmul.allow_tf32 == before
     with precision_context("bf16", "cpu"):
         assert torch.is_autocast_enabled("cpu")
     assert not torch.is_autocast_enabled("cpu")

@@ -63,21 +63,20 @@ def check_precision(precision: str, dtype: torch.dtype) -> str:
 
 
 def _cuda_matmul_tf32(on: bool) -> Callable[[], None]:
-    """Set TF32 for CUDA float32 matrix products; returns the function that restores it."""
+    """Set TF32 for CUDA float32 matrix products; returns the function that restores it.
+
+    Through ``allow_tf32``, which every reader accepts (torch 2.13: once ``fp32_precision`` is
+    set, reading ``allow_tf32`` raises "mix of the legacy and new APIs", and PyTorch's own code
+    still reads it); through ``fp32_precision`` only if the process already chose that API."""
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        old = matmul.fp32_precision
+    try:
+        old = matmul.allow_tf32
+    except RuntimeError:  # TF32 was set through the new API: keep to it
+        old_precision = matmul.fp32_precision
         matmul.fp32_precision = "tf32" if on else "ieee"
-
-        def restore() -> None:
-            matmul.fp32_precision = old
-    else:
-        old_flag = matmul.allow_tf32
-        matmul.allow_tf32 = on
-
-        def restore() -> None:
-            matmul.allow_tf32 = old_flag
-    return restore
+        return lambda: setattr(matmul, "fp32_precision", old_precision)
+    matmul.allow_tf32 = on
+    return lambda: setattr(matmul, "allow_tf32", old)
 
 
 @contextlib.contextmanager
