@@ -11,8 +11,8 @@
 #     run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=600)
 #
 # It installs the carried wheels (if any) into /tmp/site, runs the check with an overall timeout
-# (DEVICE_CHECK_TIMEOUT, default 540 s; the check's own budget DEVICE_CHECK_BUDGET, default
-# 450 s) and writes device_check.json, device_check.md, device_check.log and nvidia-smi.txt to
+# (DEVICE_CHECK_TIMEOUT, default 480 s; the check's own budget DEVICE_CHECK_BUDGET, default
+# 420 s) and writes device_check.json, device_check.md, device_check.log and nvidia-smi.txt to
 # $OUT (or ./device_check_out without $OUT). Extra arguments go to device_check.py (e.g.
 # --parts products,lanczos). Without the wheels the lanczos part reports scipy+curvlinops as
 # skipped. Exit status: the check's (1 if a self-check failed), 124 on the overall timeout.
@@ -37,5 +37,5 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
     > "$OUT/nvidia-smi.txt" 2>&1 || true
 set -o pipefail
-timeout -k 15 "${DEVICE_CHECK_TIMEOUT:-540}" python3 benchmarks/device_check.py "$OUT" \
-    --budget "${DEVICE_CHECK_BUDGET:-450}" "$@" 2>&1 | tee "$OUT/device_check.log"
+timeout -k 15 "${DEVICE_CHECK_TIMEOUT:-480}" python3 benchmarks/device_check.py "$OUT" \
+    --budget "${DEVICE_CHECK_BUDGET:-420}" "$@" 2>&1 | tee "$OUT/device_check.log"
