@@ -203,7 +203,8 @@ def compare_preconditioners(
     ``cache`` is the operators' linearization cache (:func:`curvlab.ggn`; on small models
     ``False`` is faster: tracing the linearization costs more than it saves). ``precision`` and
     ``compile`` are those of the curvature products (:mod:`curvlab.curvature.precision`;
-    ``tf32``/``bf16`` need ``dtype=torch.float32``); gradients and losses stay in ``dtype``.
+    ``tf32``/``bf16`` need ``dtype=torch.float32``); gradients, losses, diagonals and Kronecker
+    factors stay in ``dtype``.
     Never prints; ``progress`` (if given) receives short status strings.
 
     Raises :class:`~curvlab.errors.ConfigError` for unknown names or bad options and
