@@ -40,8 +40,10 @@ one, two = ([read_spectra(h5py.File(p))["ggn"]["full"]["eigenvalues"] for p in s
 print(f"top-5 GGN eigenvalues, 1 vs 2 processes: max rel. diff "
       f"{np.max(np.abs(two - one) / np.abs(one)):.1e}")
 PY
-# 5. full vs layerwise vs diagonal GN preconditioners at two checkpoints of the run
-$CURVLAB compare "$OUT/run/step_000003.pt" "$CKPT" --preconditioners full,layerwise,diag,identity \
+# 5. full vs layerwise GN vs diagonal GN and the study's first-order baselines (SOAP, Muon)
+#    at two checkpoints of the run
+$CURVLAB compare "$OUT/run/step_000003.pt" "$CKPT" \
+    --preconditioners full,layerwise,diag,soap,muon,identity \
     --damping 1e-2 --no-spectrum --seq-len 32 --batch-size 2 -o "$OUT/compare.h5"
 # 6. figures
 for f in blocks spectra compare; do $CURVLAB plot "$OUT/$f.h5" -o "$OUT/plots/$f"; done

@@ -413,6 +413,7 @@ def test_checkpoints_of_one_run_and_of_different_models(tmp_path, runs):
     assert runs[0].result.ratio("full", 1e-3) == 1
     text = format_evolution(runs)
     assert "layerwise" in text and "      10" in text
+    assert "validation-loss decrease at the line-searched step" in text and "muon" in text
 
 
 def test_hdf5_round_trip_table_and_figures(runs, tmp_path):

@@ -87,7 +87,9 @@ def format_table(result: CompareResult, *, per_block: bool = False) -> str:
 
 def format_evolution(comparisons: Sequence[CheckpointComparison]) -> str:
     """One line per checkpoint (by training step): loss, off-diagonal energy and, per damping,
-    each preconditioner's ``dec@a*`` relative to full GN."""
+    each preconditioner's ``dec@a*`` relative to full GN; then each preconditioner's
+    ``val dec`` (nats; full GN's too, as it may be negative, which makes a ratio
+    meaningless)."""
     if not comparisons:
         return ""
     first = comparisons[0].result
@@ -102,4 +104,11 @@ def format_evolution(comparisons: Sequence[CheckpointComparison]) -> str:
             off = r.off_diagonal.value if r.off_diagonal is not None else math.nan
             lines.append(f"  {c.step:>8}{r.loss:9.4f}{_num(off, 9)}"
                          + "".join(_num(r.ratio(n, lam), 11) for n in others))
+        lines.append(f"damping {lam:g}: validation-loss decrease at the line-searched step")
+        lines.append(f"  {'step':>8}{'val loss':>9}"
+                     + "".join(f"{n:>11}" for n in first.preconditioners))
+        for c in comparisons:
+            r = c.result
+            lines.append(f"  {c.step:>8}{r.val_loss:9.4f}" + "".join(
+                _num(r.row(n, lam).val_decrease, 11) for n in first.preconditioners))
     return "\n".join(lines)
