@@ -36,12 +36,18 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gn_vs_baselines import best_per_method, to_target, warmup  # noqa: E402
+from gn_vs_baselines import (  # noqa: E402
+    CommonSettings,
+    best_per_method,
+    parse_settings,
+    to_target,
+    warmup,
+)
 
 from curvlab.train import TrainConfig, TrainingDivergedError, train  # noqa: E402
 
@@ -50,21 +56,10 @@ BASELINES = ("adamw", "muon", "soap")
 
 
 @dataclass
-class Settings:
-    preset: str = "tiny"
-    device: str = "cpu"
-    seq_len: int = 64
-    micro_batch_size: int = 8
-    warmup_steps: int = 100
-    warmup_lr: float = 3e-3
+class Settings(CommonSettings):
     batches: tuple[int, ...] = (4, 16, 64)
     outer_steps: int = 30
     target_loss: float = 2.2
-    eval_every: int = 2
-    eval_batches: int = 8
-    inner_lr: float = 0.01
-    lrs: dict[str, list[float]] = field(default_factory=lambda: {
-        "adamw": [1e-3, 3e-3, 1e-2], "muon": [3e-3, 1e-2, 3e-2], "soap": [1e-3, 3e-3, 1e-2]})
     gn_methods: tuple[str, ...] = GN_METHODS
     ablation_batches: int = 16
 
@@ -331,20 +326,12 @@ def report_ablations(s: Settings, results: list[dict], out: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/batch_size_study")
-    ap.add_argument("--quick", action="store_true", help="a smoke test (about 3 minutes)")
-    ap.add_argument("--gpu", action="store_true", help="the 45m preset on CUDA")
-    ap.add_argument("--ablations", action="store_true",
-                    help="schedules and line search on/off for GN and GN-prox")
-    ap.add_argument("--jobs", type=int, default=1, help="training runs at once (processes)")
-    ap.add_argument("--target-loss", type=float, default=None)
-    ap.add_argument("--report-only", action="store_true",
-                    help="recompute tables and figures from the stored results")
-    args = ap.parse_args()
-    s = Settings(**(GPU if args.gpu else QUICK if args.quick else {}))
-    if args.target_loss is not None:
-        s.target_loss = args.target_loss
+    def extra(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--ablations", action="store_true",
+                        help="schedules and line search on/off for GN and GN-prox")
+        ap.add_argument("--jobs", type=int, default=1, help="training runs at once (processes)")
+
+    args, s = parse_settings(__doc__, "runs/batch_size_study", Settings, QUICK, GPU, extra)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()

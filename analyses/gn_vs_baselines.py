@@ -27,30 +27,38 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from curvlab import distributed
 from curvlab.train import TrainConfig, TrainingDivergedError, train
 
 
 @dataclass
-class Settings:
+class CommonSettings:
+    """Model, data, warm-up, evaluation and learning-rate sweeps shared by the analyses."""
+
     preset: str = "tiny"
     device: str = "cpu"
     seq_len: int = 64
     micro_batch_size: int = 8
     warmup_steps: int = 100
     warmup_lr: float = 3e-3
-    inner_steps: int = 8
-    baseline_steps: int = 300
-    gn_steps: int = 40
-    target_loss: float = 2.35
     eval_every: int = 2
     eval_batches: int = 8
     inner_lr: float = 0.01
     lrs: dict[str, list[float]] = field(default_factory=lambda: {
         "adamw": [1e-3, 3e-3, 1e-2], "muon": [3e-3, 1e-2, 3e-2], "soap": [1e-3, 3e-3, 1e-2]})
+
+
+@dataclass
+class Settings(CommonSettings):
+    inner_steps: int = 8
+    baseline_steps: int = 300
+    gn_steps: int = 40
+    target_loss: float = 2.35
     gn_methods: tuple[str, ...] = ("gn", "gn-prox", "layerwise-gn")
 
 
@@ -175,18 +183,30 @@ def plot(best: dict[str, dict], s: Settings, out: Path) -> None:
         plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/gn_vs_baselines")
-    ap.add_argument("--quick", action="store_true", help="a few-minute smoke test")
+def parse_settings(doc: str, default_out: str, cls: type, quick: dict, gpu: dict,
+                   extra: Callable[[argparse.ArgumentParser], None] | None = None,
+                   ) -> tuple[argparse.Namespace, Any]:
+    """The analyses' shared command line (``--out``, ``--quick``, ``--gpu``, ``--target-loss``,
+    ``--report-only``, plus ``extra``'s options) and the settings it selects."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", default=default_out)
+    ap.add_argument("--quick", action="store_true", help="a smoke test of a few minutes")
     ap.add_argument("--gpu", action="store_true", help="the 45m preset on CUDA")
     ap.add_argument("--target-loss", type=float, default=None)
     ap.add_argument("--report-only", action="store_true",
-                    help="recompute the table and plots from summary.json (e.g. another target)")
+                    help="recompute tables and figures from the stored results (e.g. another "
+                         "target)")
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args()
-    s = Settings(**(GPU if args.gpu else QUICK if args.quick else {}))
+    s = cls(**(gpu if args.gpu else quick if args.quick else {}))
     if args.target_loss is not None:
         s.target_loss = args.target_loss
+    return args, s
+
+
+def main() -> None:
+    args, s = parse_settings(__doc__, "runs/gn_vs_baselines", Settings, QUICK, GPU)
     out = Path(args.out)
     distributed.init()  # under torchrun: every training run is data-parallel
     if not distributed.is_main():
