@@ -24,7 +24,7 @@ def _script():
 
 def test_cpu_smoke_run(tmp_path, capsys):
     rc = _script().main([str(tmp_path), "--device", "cpu", "--preset", "tiny",
-                         "--budget", "55"])
+                         "--budget", "40"])
     out = capsys.readouterr().out
     data = json.loads((tmp_path / "device_check.json").read_text())
     assert rc == 0, (data["failed_checks"], out[-3000:])
