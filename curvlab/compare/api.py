@@ -197,7 +197,8 @@ def compare_preconditioners(
     largest down, each warm-started from the previous solution; the damped model's error is at
     most ``½ cg_tol² ‖g‖² / λ``), randomized energy with ``energy_probes`` probes. ``diag(G)``
     of larger blocks comes from per-token pullbacks (:mod:`curvlab.compare.per_token`): exact
-    when ``N · V <= diag_exact_max``, else ``diag_samples`` Monte-Carlo labels per token;
+    when ``N · V <= diag_exact_max``, else ``diag_samples`` Monte-Carlo label draws (one
+    pullback per sequence and draw);
     ``diag(F)`` and Shampoo's factors (``max_precond_dim``: larger factors are kept as their
     diagonals) always from the N per-token gradients. ``seed`` fixes all random draws.
     ``cache`` is the operators' linearization cache (:func:`curvlab.ggn`; on small models
