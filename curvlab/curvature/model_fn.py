@@ -9,26 +9,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from curvlab.errors import CurvlabError
+from curvlab.models.output import extract_logits
 
 LogitsFn = Callable[[nn.Module, Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
-
-
-def extract_logits(output: Any) -> torch.Tensor:
-    """Logits from a model output: a tensor, a tuple/list starting with one, or ``.logits``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise CurvlabError(
-        f"cannot find logits in the model output of type {type(output).__name__}; "
-        "pass logits_fn=... to say how to get them"
-    )
 
 
 def default_logits_fn(
