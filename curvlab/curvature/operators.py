@@ -183,6 +183,13 @@ class _Engine:
         factor = 4 if self.kind == "hessian" else 2  # forward-over-reverse keeps more
         return factor * total * len(self.batches)
 
+    def set_cache(self, cache: bool | str) -> None:
+        """Choose cached (``True``), recomputed (``False``) or ``"auto"`` linearizations
+        before the first product (a memory plan's decision); raises once products ran."""
+        if self._states is not None:
+            raise RuntimeError("set_cache after the first product")
+        self._want_cache = cache
+
     def _setup(self) -> None:
         if self._states is not None:
             return

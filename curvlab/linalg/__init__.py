@@ -8,6 +8,8 @@ Free functions with explicit seeds returning frozen dataclasses:
 - :func:`hutchinson`, :func:`hutchpp` -> :class:`TraceEstimate`: randomized traces.
 - :func:`cg` -> :class:`CGResult`: damped conjugate gradients.
 
+Long iterations report through an optional ``progress`` callback (:class:`Progress`).
+
 See ``docs/linalg.md``.
 """
 
@@ -18,8 +20,9 @@ from curvlab.linalg.errors import (
     LinalgWarning,
     NotPositiveDefiniteError,
 )
-from curvlab.linalg.lanczos import LanczosResult, lanczos
+from curvlab.linalg.lanczos import LanczosResult, default_basis_size, lanczos
 from curvlab.linalg.operator import DenseOperator, Operator, as_operator, check_operator, matmat
+from curvlab.linalg.progress import Progress, ProgressFn
 from curvlab.linalg.slq import SpectralDensity, block_spectral_densities, spectral_density
 from curvlab.linalg.trace import TraceEstimate, hutchinson, hutchpp
 
@@ -32,12 +35,15 @@ __all__ = [
     "LinalgWarning",
     "NotPositiveDefiniteError",
     "Operator",
+    "Progress",
+    "ProgressFn",
     "SpectralDensity",
     "TraceEstimate",
     "as_operator",
     "block_spectral_densities",
     "cg",
     "check_operator",
+    "default_basis_size",
     "hutchinson",
     "hutchpp",
     "lanczos",

@@ -16,8 +16,12 @@ converge first. :class:`_Recurrence` runs ``b`` such recurrences side by side wi
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -26,11 +30,13 @@ from scipy.linalg import eigh_tridiagonal
 
 from curvlab.linalg.errors import ConvergenceWarning, GhostEigenvalueWarning
 from curvlab.linalg.operator import Operator, as_operator, matmat
+from curvlab.linalg.progress import Progress, ProgressFn
 
 Which = Literal["top", "bottom", "both"]
 Reorth = Literal["full", "selective", "none"]
 
 _CHECK_EVERY = 5  # Lanczos steps between host-side checks (convergence, breakdown, NaN)
+_SLAB_ELEMENTS = 1 << 24  # elements of the basis a sweep of a disk basis (or a restart) holds
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,11 +75,19 @@ class LanczosResult:
     tol: float
     orthogonality: float | None = None
     verified_residual_norms: torch.Tensor | None = None
+    restarts: int = 0
+    coupling: torch.Tensor | None = None
 
 
 class _Basis:
-    """The Lanczos vectors of ``b`` recurrences, stored on ``device`` in chunks of shape
-    ``(b, c, n)`` that grow geometrically (no up-front allocation of ``max_steps`` vectors)."""
+    """The Lanczos vectors of ``b`` recurrences (at most ``capacity`` per recurrence).
+
+    In memory (``device`` a torch device): chunks of shape ``(b, c, n)`` that grow
+    geometrically (no up-front allocation of ``capacity`` vectors). Every operation is a sweep
+    over *row slabs* (:meth:`_slabs`): in memory one slab holding every row, on disk
+    (:class:`_DiskBasis`) slabs of rows read from the scratch file, so that the algorithms below
+    are written once for both stores.
+    """
 
     def __init__(self, n: int, b: int, capacity: int, dtype: torch.dtype, device: torch.device):
         self.n, self.b, self.capacity, self.dtype, self.device = n, b, capacity, dtype, device
@@ -89,6 +103,8 @@ class _Basis:
 
     def append(self, q: torch.Tensor) -> None:
         """Store the columns of ``q`` (``(n, b)``, any device) as the next basis vectors."""
+        if self.size >= self.capacity:
+            raise RuntimeError(f"Lanczos basis is full ({self.capacity} vectors)")
         if not self.blocks or self.fill[-1] == self.blocks[-1].shape[1]:
             c = max(1, min(max(8, self.size // 2), 256, self.capacity - self.size))
             self.blocks.append(torch.empty(self.b, c, self.n, dtype=self.dtype, device=self.device))
@@ -105,31 +121,198 @@ class _Basis:
                 self.blocks.pop()
                 self.fill.pop()
 
+    def close(self) -> None:
+        """Release the storage (the scratch file of a disk basis)."""
+        self.blocks, self.fill = [], []
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the projections run (the host for a disk basis)."""
+        return self.device
+
+    def _slabs(self, rows: int | None = None, write: bool = False
+               ) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+        """``(row slice, parts)`` per slab: ``parts`` are ``(b, c_i, rows)`` tensors holding
+        vectors ``0 … size−1`` (in order) restricted to the slab's rows. With ``write=True``
+        changes made to ``parts`` are stored (in memory they are views: nothing to do)."""
+        views = self.views()
+        step = rows or self.n
+        for lo in range(0, self.n, step):
+            sl = slice(lo, min(self.n, lo + step))
+            yield sl, [v[:, :, sl] for v in views]
+
+    def _coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """``Qᵀ x`` per recurrence: ``(b, size, 1)`` for ``x`` of shape ``(b, n, 1)``."""
+        c = x.new_zeros(self.b, self.size, 1)
+        for sl, parts in self._slabs():
+            off = 0
+            for v in parts:
+                c[:, off : off + v.shape[1]] += torch.bmm(v, x[:, sl])
+                off += v.shape[1]
+        return c
+
     def project_out(self, w: torch.Tensor, passes: int = 2) -> torch.Tensor:
         """``w − Q Qᵀ w`` per column, classical Gram–Schmidt repeated ``passes`` times
-        ("twice is enough"); computed on the basis device, returned on ``w``'s device."""
-        x = w.T.to(self.device).unsqueeze(-1)  # (b, n, 1)
-        views = self.views()
-        for _ in range(passes):
-            coeffs = [torch.bmm(v, x) for v in views]
-            for v, c in zip(views, coeffs):
-                x = x - torch.bmm(v.transpose(1, 2), c)
+        ("twice is enough"); computed on the basis' compute device (in place there) and
+        returned on ``w``'s device. One sweep over the basis per pass plus one: the update of a
+        slab of rows by pass ``p`` and its coefficients for pass ``p + 1`` share a read."""
+        x = w.T.to(self.compute_device).unsqueeze(-1)  # (b, n, 1)
+        if self.size == 0:
+            return w
+        c = self._coefficients(x)
+        for p in range(passes):
+            nxt = x.new_zeros(self.b, self.size, 1) if p + 1 < passes else None
+            for sl, parts in self._slabs():
+                xs, off = x[:, sl], 0
+                for v in parts:
+                    xs.baddbmm_(v.transpose(1, 2), c[:, off : off + v.shape[1]], alpha=-1)
+                    off += v.shape[1]
+                if nxt is not None:
+                    off = 0
+                    for v in parts:
+                        nxt[:, off : off + v.shape[1]] += torch.bmm(v, xs)
+                        off += v.shape[1]
+            c = nxt
         return x.squeeze(-1).T.to(w.device)
 
     def max_overlap(self, w: torch.Tensor) -> float:
         """``max |Qᵀ w|`` over all columns (a measure of lost orthogonality)."""
-        x = w.T.to(self.device).unsqueeze(-1)
-        return max((float(torch.bmm(v, x).abs().max()) for v in self.views()), default=0.0)
+        if self.size == 0:
+            return 0.0
+        x = w.T.to(self.compute_device).unsqueeze(-1)
+        return float(self._coefficients(x).abs().max())
 
     def ritz_vectors(self, S: np.ndarray, column: int = 0) -> torch.Tensor:
-        """Unit columns of ``Q S`` for recurrence ``column``; ``S`` is ``(size, r)``."""
-        S = torch.as_tensor(S, dtype=self.dtype, device=self.device)
-        Y = torch.zeros(self.n, S.shape[1], dtype=self.dtype, device=self.device)
-        offset = 0
-        for v in self.views():
-            Y += v[column].T @ S[offset : offset + v.shape[1]]
-            offset += v.shape[1]
+        """Unit columns of ``Q S`` for recurrence ``column``; ``S`` is ``(size, r)``; returned
+        on the basis' compute device."""
+        S = torch.as_tensor(S, dtype=self.dtype, device=self.compute_device)
+        Y = torch.zeros(self.n, S.shape[1], dtype=self.dtype, device=self.compute_device)
+        for sl, parts in self._slabs():
+            off = 0
+            for v in parts:
+                Y[sl] += v[column].T @ S[off : off + v.shape[1]]
+                off += v.shape[1]
         return Y / torch.linalg.vector_norm(Y, dim=0).clamp_min(torch.finfo(self.dtype).tiny)
+
+    def rotate(self, S: np.ndarray) -> None:
+        """Replace the basis by ``Q S`` (``S``: ``(size, l)``, ``l <= size``; ``b = 1``), in
+        place, a slab of rows at a time (extra memory: ``l`` rows of one slab)."""
+        l = S.shape[1]
+        St = torch.as_tensor(S.T.copy(), dtype=self.dtype, device=self.compute_device)
+        rows = max(1, _SLAB_ELEMENTS // max(1, self.size))
+        for _, parts in self._slabs(rows, write=True):
+            new = torch.zeros(l, parts[0].shape[2], dtype=self.dtype, device=self.compute_device)
+            off = 0
+            for v in parts:
+                new += St[:, off : off + v.shape[1]] @ v[0]
+                off += v.shape[1]
+            off = 0
+            for v in parts:  # write Q S into the first l vectors of this slab
+                take = min(v.shape[1], l - off)
+                if take <= 0:
+                    break
+                v[0, :take] = new[off : off + take]
+                off += take
+        self.truncate(l)
+
+
+class _DiskBasis(_Basis):
+    """A basis in a scratch file (``(slabs, capacity, b, rows)`` of the operator dtype),
+    read and written with ``pread``/``pwrite`` one slab of rows at a time, so that it costs
+    disk (and the kernel's page cache), not resident memory: a sweep holds one slab of all
+    vectors (about ``_SLAB_ELEMENTS`` elements) in a host buffer. The file is unlinked right
+    after it is created (POSIX), so it disappears when the process ends however it ends;
+    :meth:`close` releases it earlier."""
+
+    def __init__(self, n: int, b: int, capacity: int, dtype: torch.dtype, folder: str | None):
+        super().__init__(n, b, capacity, dtype, torch.device("cpu"))
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.rows = max(1, min(n, _SLAB_ELEMENTS // max(1, capacity * b)))
+        self.nslabs = -(-n // self.rows)
+        self._size = 0
+        fd, path = tempfile.mkstemp(prefix=".curvlab-basis-", suffix=".tmp", dir=folder)
+        self.fd: int | None = fd
+        self.path = path
+        try:
+            os.unlink(path)  # POSIX: the space is freed when the descriptor closes
+            self.unlinked = True
+        except OSError:  # (Windows) removed by close()
+            self.unlinked = False
+        try:
+            os.ftruncate(fd, self.nslabs * capacity * b * self.rows * self.itemsize)
+        except OSError as e:
+            self.close()
+            raise ValueError(f"cannot create the disk basis in {folder or 'the temp folder'}: "
+                             f"{e.strerror or e}") from None
+        self._buf = torch.empty(capacity * b * self.rows, dtype=dtype)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            if not self.unlinked:
+                Path(self.path).unlink(missing_ok=True)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _offset(self, slab: int, vector: int) -> int:
+        return ((slab * self.capacity + vector) * self.b * self.rows) * self.itemsize
+
+    def _io(self, buf: torch.Tensor, offset: int, write: bool) -> None:
+        view = memoryview(buf.view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):
+            part = view[done:]
+            got = (os.pwritev(self.fd, [part], offset + done) if write
+                   else os.preadv(self.fd, [part], offset + done))
+            if got <= 0:
+                raise OSError(f"short {'write' if write else 'read'} on the disk basis")
+            done += got
+
+    def append(self, q: torch.Tensor) -> None:
+        if self._size >= self.capacity:
+            raise RuntimeError(f"Lanczos basis is full ({self.capacity} vectors)")
+        qt = q.T.to(device="cpu", dtype=self.dtype)  # (b, n)
+        row = torch.zeros(self.b, self.rows, dtype=self.dtype)
+        for s in range(self.nslabs):
+            lo, hi = s * self.rows, min(self.n, (s + 1) * self.rows)
+            row[:, : hi - lo] = qt[:, lo:hi]
+            if hi - lo < self.rows:
+                row[:, hi - lo :] = 0
+            self._io(row, self._offset(s, self._size), write=True)
+        self._size += 1
+
+    def truncate(self, size: int) -> None:
+        self._size = min(self._size, size)
+
+    def _slabs(self, rows: int | None = None, write: bool = False
+               ) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+        size = self._size
+        if size == 0:
+            return
+        buf = self._buf[: size * self.b * self.rows]
+        view = buf.view(size, self.b, self.rows)
+        for s in range(self.nslabs):
+            lo, hi = s * self.rows, min(self.n, (s + 1) * self.rows)
+            self._io(buf, self._offset(s, 0), write=False)
+            yield slice(lo, hi), [view[:, :, : hi - lo].transpose(0, 1)]
+            if write:
+                self._io(buf, self._offset(s, 0), write=True)
+
+
+def _make_basis(n: int, b: int, capacity: int, dtype: torch.dtype,
+                where: torch.device | str | None, default: torch.device,
+                scratch_dir: str | os.PathLike | None) -> _Basis:
+    """A basis in memory on ``where`` (default: the operator's device) or, for
+    ``where="disk"``, in a scratch file in ``scratch_dir`` (default: the temp folder)."""
+    if where == "disk":
+        return _DiskBasis(n, b, capacity, dtype, None if scratch_dir is None else str(scratch_dir))
+    return _Basis(n, b, capacity, dtype, torch.device(where) if where is not None else default)
 
 
 class _Recurrence:
@@ -137,37 +320,50 @@ class _Recurrence:
     advanced together with one block product per step.
 
     Vectors live on the operator's device in its dtype; ``alpha``/``beta`` are float64 tensors on
-    the same device, written every step without a host synchronization. A breakdown
-    (``β_j <= 10 ε √(j+1) ‖T‖``, ε of the operator dtype) is recorded in ``broken_at`` and the
-    column continues with a zero vector; callers look at it in :meth:`sync` and truncate/restart
-    or ignore the column. ``reorth="selective"`` reads ``T`` on the host every step.
+    the same device (``capacity`` rows: the most steps kept at once), written every step without
+    a host synchronization. A breakdown (``β_j <= 10 ε √(j+1) ‖T‖``, ε of the operator dtype) is
+    recorded in ``broken_at`` and the column continues with a zero vector; callers look at it in
+    :meth:`sync` and truncate/restart or ignore the column. ``reorth="selective"`` reads ``T`` on
+    the host every step.
+
+    After a thick restart (:meth:`thick_restart`, ``b = 1``) the first ``l`` steps are locked
+    Ritz pairs: ``alpha[:l]`` holds their Ritz values, ``spike`` (``l`` float64 numbers) their
+    coupling to vector ``l``, and the projected matrix is ``T = tridiag(beta, alpha, beta)``
+    plus ``spike`` in row and column ``l`` (an arrowhead followed by a tridiagonal).
     """
 
     def __init__(
         self,
         op: Operator,
         q0: torch.Tensor,
-        max_steps: int,
+        capacity: int,
         reorth: str,
         basis_device: torch.device | str | None,
         keep_basis: bool,
+        scratch_dir: str | os.PathLike | None = None,
     ) -> None:
         n, b = q0.shape
         dev = op.device
-        self.op, self.reorth, self.max_steps = op, reorth, max_steps
+        self.op, self.reorth, self.capacity = op, reorth, capacity
         self.eps = torch.finfo(op.dtype).eps
-        self.alpha = torch.zeros(max_steps, b, dtype=torch.float64, device=dev)
-        self.beta = torch.zeros(max_steps, b, dtype=torch.float64, device=dev)
+        self.alpha = torch.zeros(capacity, b, dtype=torch.float64, device=dev)
+        self.beta = torch.zeros(capacity, b, dtype=torch.float64, device=dev)
         self.scale = torch.zeros(b, dtype=torch.float64, device=dev)  # Gershgorin bound of ‖T‖
         self.broken_at = torch.full((b,), -1, dtype=torch.long, device=dev)
         self.q, self.q_prev = q0, torch.zeros_like(q0)
         self.beta_prev = torch.zeros(b, dtype=op.dtype, device=dev)
-        bdev = torch.device(basis_device) if basis_device is not None else dev
-        self.basis = _Basis(n, b, max_steps, op.dtype, bdev) if keep_basis else None
+        self.basis = (_make_basis(n, b, capacity, op.dtype, basis_device, dev, scratch_dir)
+                      if keep_basis else None)
         self.locked: list[torch.Tensor | None] = [None] * b  # selective: converged Ritz vectors
         self.locked_values: list[list[float]] = [[] for _ in range(b)]
+        self.spike: np.ndarray | None = None  # thick restart: coupling of the locked pairs
         self.steps = 0
         self.products = 0
+
+    def close(self) -> None:
+        """Release the basis (removes a disk basis' scratch file)."""
+        if self.basis is not None:
+            self.basis.close()
 
     def step(self) -> None:
         """One Lanczos step for every column: one (block) product and, per ``reorth``, a
@@ -179,7 +375,9 @@ class _Recurrence:
         self.products += q.shape[1]
         alpha = (q * w).sum(0, dtype=torch.float64)
         self.alpha[j] = alpha
-        w = w - alpha.to(w.dtype) * q - self.beta_prev * self.q_prev
+        # w −= α q + β q_prev, in place (no host synchronization, no temporary vectors)
+        w = w.clone() if w is q else w
+        w.addcmul_(q, alpha.to(w.dtype), value=-1).addcmul_(self.q_prev, self.beta_prev, value=-1)
         if self.reorth == "full":
             w = self.basis.project_out(w)
         elif self.reorth == "selective":
@@ -190,7 +388,7 @@ class _Recurrence:
         small = beta <= 10 * self.eps * math.sqrt(j + 1) * self.scale
         self.broken_at = torch.where(small & (self.broken_at < 0), j, self.broken_at)
         beta = torch.where(small, 0.0, beta).to(w.dtype)
-        self.q_prev, self.q = q, torch.where(small, 0.0, w / torch.where(small, 1.0, beta))
+        self.q_prev, self.q = q, w.div_(torch.where(small, 1.0, beta)).masked_fill_(small, 0.0)
         self.beta_prev = beta
         self.steps = j + 1
 
@@ -214,7 +412,8 @@ class _Recurrence:
                 and all(abs(theta[i] - v) > tol for v in self.locked_values[c])
             ]
             for i in new:  # one at a time so that the locked vectors stay orthonormal
-                y = self._orthogonalize(self.basis.ritz_vectors(S[:, [i]], c)[:, 0], self.locked[c])
+                y = self.basis.ritz_vectors(S[:, [i]], c)[:, 0].to(w.device)
+                y = self._orthogonalize(y, self.locked[c])
                 if float(y.norm()) > 0.5:
                     y = (y / y.norm()).unsqueeze(1)
                     old = self.locked[c]
@@ -268,6 +467,24 @@ class _Recurrence:
         self.q = v / norm.to(v.dtype)
         return True
 
+    def thick_restart(self, S: np.ndarray, theta: np.ndarray, beta_last: float) -> None:
+        """Thick restart (Wu & Simon 2000; ``b = 1``, full reorthogonalization): keep the Ritz
+        vectors ``Y = Q S`` (``S``: ``(steps, l)`` eigenvectors of ``T``, ``theta`` their Ritz
+        values) and continue from the current next vector ``q``. From
+        ``A Q = Q T + β q eᵀ``: ``A Y = Y diag(θ) + q (β S[-1])ᵀ``, so the new projected
+        matrix is ``diag(θ)`` bordered by ``spike = β S[-1]`` in row and column ``l`` and the
+        recurrence goes on from ``q`` (its projection removes the ``Y`` components)."""
+        l = theta.size
+        self.basis.rotate(S)
+        self.alpha.zero_()
+        self.beta.zero_()
+        self.alpha[:l, 0] = torch.as_tensor(theta, dtype=torch.float64)
+        self.spike = beta_last * S[-1].copy()
+        self.steps = l
+        self.q_prev = torch.zeros_like(self.q)
+        self.beta_prev.zero_()
+        self.broken_at.fill_(-1)
+
 
 def _random_start(op: Operator, b: int, generator: torch.Generator) -> torch.Tensor:
     """``b`` Gaussian unit columns on the operator's device, drawn on the CPU."""
@@ -275,9 +492,19 @@ def _random_start(op: Operator, b: int, generator: torch.Generator) -> torch.Ten
     return (v / v.norm(dim=0)).to(dtype=op.dtype, device=op.device)
 
 
-def _ritz(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ritz values (ascending), eigenvectors of ``T`` and residual bounds ``|β_{m−1} s_{m−1}|``."""
-    theta, S = eigh_tridiagonal(alpha, beta[:-1])
+def _ritz(
+    alpha: np.ndarray, beta: np.ndarray, spike: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ritz values (ascending), eigenvectors of ``T`` and residual bounds ``|β_{m−1} s_{m−1}|``.
+    ``T = tridiag(beta[:-1], alpha, beta[:-1])``, bordered by ``spike`` in row/column
+    ``len(spike)`` after a thick restart (then solved densely: ``T`` is at most the basis size)."""
+    if spike is None or spike.size == 0 or alpha.size <= spike.size:
+        theta, S = eigh_tridiagonal(alpha, beta[:-1])
+    else:
+        l = spike.size
+        T = np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1)
+        T[l, :l] = T[:l, l] = spike
+        theta, S = np.linalg.eigh(T)
     return theta, S, np.abs(beta[-1] * S[-1])
 
 
@@ -291,13 +518,26 @@ def _wanted(theta: np.ndarray, which: str, k: int) -> np.ndarray:
     return desc if theta.size < 2 * k else np.concatenate([desc[:k], desc[-k:]])
 
 
+def _kept(theta: np.ndarray, which: str, keep: int) -> np.ndarray:
+    """Indices of the ``keep`` Ritz values a thick restart keeps: the wanted end(s) of the
+    spectrum (for ``"both"`` split between the two ends)."""
+    order = np.argsort(theta, kind="stable")
+    if which == "top":
+        return order[::-1][:keep]
+    if which == "bottom":
+        return order[:keep]
+    hi = (keep + 1) // 2
+    return np.concatenate([order[::-1][:hi], order[: keep - hi]])
+
+
 def _converged(
-    alpha: np.ndarray, beta: np.ndarray, block_start: int, which: str, k: int, tol: float
+    alpha: np.ndarray, beta: np.ndarray, block_start: int, which: str, k: int, tol: float,
+    spike: np.ndarray | None = None,
 ) -> bool:
     """All wanted Ritz pairs have ``|β_{m−1} s_{m−1}| <= tol · max|θ|``, and so do the extreme
     Ritz values (in the wanted direction) of the block begun at the last restart: that block
     explores the complement of the invariant subspaces found before it."""
-    theta, _, bounds = _ritz(alpha, beta)
+    theta, _, bounds = _ritz(alpha, beta, spike)
     sel, limit = _wanted(theta, which, k), tol * np.abs(theta).max()
     if sel.size < (2 * k if which == "both" else k) or (bounds[sel] > limit).any():
         return False
@@ -309,16 +549,24 @@ def _converged(
 
 
 def _block_adds_nothing(
-    alpha: np.ndarray, beta: np.ndarray, block_start: int, which: str, k: int, tol: float
+    alpha: np.ndarray, beta: np.ndarray, block_start: int, which: str, k: int, tol: float,
+    spike: np.ndarray | None = None,
 ) -> bool:
     """After a breakdown of a restarted block: the wanted eigenvalues are the same (to
     ``tol · max|θ|``) with and without that block, so further restarts are not expected to help.
     (A block that adds a copy of a wanted eigenvalue reveals a multiplicity: keep going.)"""
-    theta, before = _ritz(alpha, beta)[0], _ritz(alpha[:block_start], beta[:block_start])[0]
+    theta = _ritz(alpha, beta, spike)[0]
+    before = _ritz(alpha[:block_start], beta[:block_start], spike)[0]
     now, then = theta[_wanted(theta, which, k)], before[_wanted(before, which, k)]
     limit = tol * np.abs(theta).max()
     wanted = 2 * k if which == "both" else k
     return now.size == then.size == wanted and bool((np.abs(now - then) <= limit).all())
+
+
+def default_basis_size(k: int, which: str = "top") -> int:
+    """ARPACK's default ``ncv``: ``max(2k' + 1, 20)`` vectors (``k' = k``, ``2k`` for both)."""
+    wanted = 2 * k if which == "both" else k
+    return max(2 * wanted + 1, 20)
 
 
 def lanczos(
@@ -332,18 +580,30 @@ def lanczos(
     seed: int = 0,
     return_vectors: bool = True,
     basis_device: torch.device | str | None = None,
+    basis_size: int | None = None,
+    scratch_dir: str | os.PathLike | None = None,
     verify: bool = False,
+    progress: ProgressFn | None = None,
 ) -> LanczosResult:
     """Extreme eigenpairs of the symmetric operator ``op`` by the Lanczos process.
 
     Runs at most ``max_iter`` steps (default ``min(n, max(100, 10 k'))``, ``k' = k`` or ``2k``
-    for ``which="both"``; capped at ``n``) from a Gaussian start vector drawn with ``seed``, and
-    stops at the first check (every few steps once ``k'`` Ritz values exist) where all wanted
-    Ritz pairs satisfy ``|β_{m−1} s_{m−1}| <= tol · max|θ|`` (relative residual). A breakdown
+    for ``which="both"``; capped at ``n``; with ``basis_size``: ``max(300, 30 k')``, not capped)
+    from a Gaussian start vector drawn with ``seed``, and stops at the first check (every few
+    steps once ``k'`` Ritz values exist) where all wanted Ritz pairs satisfy
+    ``|β_{m−1} s_{m−1}| <= tol · max|θ|`` (relative residual). A breakdown
     ``β_j ≈ 0`` means the Krylov space is an invariant subspace: its Ritz values are exact;
     the process then restarts from a random vector orthogonal to the basis (when one is kept) so
-    that repeated eigenvalues are found with their multiplicity. With ``max_iter >= n`` the
-    whole space is spanned and the eigenvalues are exact to rounding.
+    that repeated eigenvalues are found with their multiplicity. With ``max_iter >= n`` (and no
+    ``basis_size``) the whole space is spanned and the eigenvalues are exact to rounding.
+
+    ``basis_size=m`` bounds the basis to ``m`` vectors (``k' + 1 <= m``) by **thick restart**
+    (Wu & Simon 2000, the symmetric case of Krylov–Schur): when ``m`` vectors are kept and the
+    wanted pairs are not converged, ``T_m = S Θ Sᵀ`` is solved, the ``l = k' + (m − k')//2``
+    (at most ``m − 1``) Ritz vectors ``Y = Q_m S_l`` at the wanted end(s) replace the basis
+    (``A Y = Y Θ_l + q_{m+1} (β_m S_l[m−1])ᵀ``, so ``Q = [Y, q_{m+1}]`` stays a Krylov
+    decomposition with an arrowhead ``T``), and Lanczos continues from ``q_{m+1}``. Needs
+    ``reorth="full"``. Memory: ``m`` basis vectors plus three working vectors.
 
     Reorthogonalization: ``"full"`` projects every new vector against all kept ones (two passes
     of classical Gram–Schmidt; cost ``O(n m)`` per step, ``m`` vectors kept); ``"selective"``
@@ -351,11 +611,17 @@ def lanczos(
     the bare three-term recurrence: orthogonality is lost as soon as a Ritz value converges and
     ghost copies of converged eigenvalues appear, which raises :class:`GhostEigenvalueWarning`.
     ``basis_device="cpu"`` keeps the Krylov basis in host memory (products stay on the
-    operator's device; each step then moves two vectors each way for the projection).
-    ``verify=True`` recomputes the residual norms with one block product of the Ritz vectors.
+    operator's device; each step then moves two vectors each way for the projection);
+    ``basis_device="disk"`` keeps it in a scratch file in ``scratch_dir`` (default: the
+    temporary folder), read a slab of rows at a time, removed at the end of the call (also when
+    it raises) and unlinked from the folder from the start. ``verify=True`` recomputes the
+    residual norms with one block product of the Ritz vectors. ``progress`` is called with a
+    :class:`~curvlab.linalg.progress.Progress` after every step (Ritz values and residuals as of
+    the last check).
 
     Raises ``ValueError`` for ``k < 1``, ``k`` (``2k`` for ``"both"``) larger than ``n`` or
-    ``max_iter``, an unknown ``which``/``reorth``, and an operator that returns NaN/Inf.
+    ``max_iter``, ``basis_size < k' + 1`` or without ``reorth="full"``, an unknown
+    ``which``/``reorth``, and an operator that returns NaN/Inf.
     Warns :class:`ConvergenceWarning` when wanted pairs are not converged at the end.
     """
     op = as_operator(op)
@@ -370,7 +636,20 @@ def lanczos(
     if wanted > n:
         what = f"2k={wanted}" if which == "both" else f"k={k}"
         raise ValueError(f"{what} eigenvalues requested but the operator has dimension {n}")
-    max_steps = min(n, max(100, 10 * wanted) if max_iter is None else max_iter)
+    if max_iter is not None and max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1, got {max_iter}")
+    bounded = basis_size is not None and basis_size < n
+    if basis_size is not None:
+        if basis_size < wanted + 1:
+            raise ValueError(f"basis_size={basis_size} must be at least k'+1={wanted + 1} "
+                             f"({wanted} wanted eigenvalues and one new direction)")
+        if bounded and reorth != "full":
+            raise ValueError(f"basis_size needs reorth='full' (thick restarts keep an "
+                             f"orthonormal basis), got reorth={reorth!r}")
+    if bounded:
+        max_steps = max(300, 30 * wanted) if max_iter is None else max_iter
+    else:
+        max_steps = min(n, max(100, 10 * wanted) if max_iter is None else max_iter)
     if max_steps < wanted:
         raise ValueError(f"max_iter={max_iter} is smaller than the {wanted} wanted eigenvalues")
     if verify and not return_vectors:
@@ -378,30 +657,77 @@ def lanczos(
 
     gen = torch.Generator().manual_seed(seed)
     keep_basis = reorth != "none" or return_vectors
-    rec = _Recurrence(op, _random_start(op, 1, gen), max_steps, reorth, basis_device, keep_basis)
+    capacity = min(basis_size, max_steps) if bounded else max_steps
+    keep = min(wanted + (capacity - wanted) // 2, capacity - 1)
+    rec = _Recurrence(op, _random_start(op, 1, gen), capacity, reorth, basis_device, keep_basis,
+                      scratch_dir)
+    try:
+        return _lanczos_loop(op, rec, gen, k, which, wanted, tol, max_steps, keep,
+                             return_vectors, verify, reorth, progress)
+    finally:
+        rec.close()
+
+
+def _lanczos_loop(op, rec: _Recurrence, gen, k, which, wanted, tol, max_steps, keep,
+                  return_vectors, verify, reorth, progress) -> LanczosResult:
+    """The iteration of :func:`lanczos` (one loop for the full and the restarted basis)."""
+    capacity = rec.capacity
+    done, restarts = 0, 0  # steps kept (wasted breakdown steps are not), thick restarts
     block_start, next_check = 0, wanted  # first step of the current Krylov block; next check
+    report: tuple[np.ndarray, np.ndarray, int] | None = None
+
+    def tell() -> None:
+        if progress is not None:
+            values, res, conv = report if report is not None else (None, None, 0)
+            progress(Progress("lanczos", rec.products, max(max_steps, rec.products), values,
+                              res, conv, restarts))
+
     while True:
         rec.step()
+        done += 1
         m = rec.steps
-        if m < min(next_check, max_steps):
+        if m < min(next_check, capacity) and done < max_steps:
+            tell()
             continue
         young = block_start > 0 and m - block_start < _CHECK_EVERY  # restarts often break early
         next_check = m + (1 if young else _CHECK_EVERY)
         alpha, beta, broken = rec.sync()
-        alpha, beta = alpha[:, 0], beta[:, 0]
+        alpha, beta, spike = alpha[:, 0], beta[:, 0], rec.spike
         if broken[0] >= 0:  # invariant subspace: exact Ritz values; restart to look beyond it
+            done -= m - (int(broken[0]) + 1)
             m = int(broken[0]) + 1
             rec.truncate(m)
             alpha, beta = alpha[:m], np.append(beta[: m - 1], 0.0)
-            if block_start > 0 and _block_adds_nothing(alpha, beta, block_start, which, k, tol):
+            if block_start > 0 and _block_adds_nothing(alpha, beta, block_start, which, k, tol,
+                                                       spike):
                 break
-            if m >= max_steps or not rec.restart(gen):
+            if done >= max_steps:
+                break
+            if m >= capacity:  # no room for a new block: compress to the wanted Ritz pairs
+                theta, S, _ = _ritz(alpha, beta, spike)
+                sel = _kept(theta, which, keep)
+                rec.thick_restart(S[:, sel], theta[sel], 0.0)
+                restarts += 1
+                m = rec.steps
+                alpha, beta, spike = theta[sel], np.zeros(m), rec.spike
+            if not rec.restart(gen):
                 break
             block_start, next_check = m, m + 1
-        elif m >= max_steps or _converged(alpha, beta, block_start, which, k, tol):
+        elif done >= max_steps or _converged(alpha, beta, block_start, which, k, tol, spike):
             break
+        elif m >= capacity:  # the basis is full: thick restart
+            theta, S, bounds = _ritz(alpha, beta, spike)
+            sel = _kept(theta, which, keep)
+            rec.thick_restart(S[:, sel], theta[sel], float(beta[-1]))
+            restarts += 1
+            block_start, next_check = 0, rec.steps + 1
+        theta, _, bounds = _ritz(alpha, beta, spike)
+        w = _wanted(theta, which, k)
+        scale = np.abs(theta).max() or 1.0
+        report = (theta[w], bounds[w] / scale, int((bounds[w] <= tol * scale).sum()))
+        tell()
 
-    theta, S, bounds = _ritz(alpha, beta)
+    theta, S, bounds = _ritz(alpha, beta, spike)
     sel = _wanted(theta, which, k)
     converged = bounds[sel] <= tol * np.abs(theta).max()
     vectors = rec.basis.ritz_vectors(S[:, sel]) if return_vectors else None
@@ -413,20 +739,22 @@ def lanczos(
         verified = (R * R).sum(0, dtype=torch.float64).sqrt().cpu()
         products += Y.shape[1]
     orthogonality = rec.basis.max_overlap(rec.q) if rec.basis is not None else None
+    report = (theta[sel], bounds[sel] / (np.abs(theta).max() or 1.0), int(converged.sum()))
+    tell()
 
     if sel.size < wanted:
         warnings.warn(
             f"Krylov space exhausted after {m} steps: only {sel.size} of {wanted} eigenvalues "
             f"(use reorth='full' or return_vectors=True to restart)",
             ConvergenceWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     elif not converged.all():
         warnings.warn(
             f"{int((~converged).sum())} of {wanted} Ritz pairs not converged to tol={tol:g} "
-            f"after {m} Lanczos steps (max_iter={max_steps})",
+            f"after {done} Lanczos steps (max_iter={max_steps})",
             ConvergenceWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     if reorth == "none":
         _warn_ghosts(theta, bounds, orthogonality, math.sqrt(rec.eps))
@@ -438,12 +766,14 @@ def lanczos(
         converged=torch.from_numpy(converged),
         alpha=torch.from_numpy(alpha.copy()),
         beta=torch.from_numpy(beta.copy()),
-        iterations=m,
+        iterations=done,
         products=products,
         which=which,
         tol=tol,
         orthogonality=orthogonality,
         verified_residual_norms=verified,
+        restarts=restarts,
+        coupling=None if spike is None else torch.from_numpy(spike.copy()),
     )
 
 

@@ -13,6 +13,7 @@ Krishnan & Xiao 2019 for neural-network Hessians).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from scipy.linalg import eigh_tridiagonal
 
 from curvlab.linalg.lanczos import _CHECK_EVERY, Reorth, _Recurrence
 from curvlab.linalg.operator import Operator, as_operator, random_probes
+from curvlab.linalg.progress import Progress, ProgressFn
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,41 +103,61 @@ def spectral_density(
     seed: int = 0,
     reorth: Reorth = "full",
     basis_device: torch.device | str | None = None,
+    block_size: int | None = None,
+    scratch_dir: str | os.PathLike | None = None,
+    progress: ProgressFn | None = None,
 ) -> SpectralDensity:
     """SLQ estimate of the spectral density of the symmetric operator ``op``.
 
     ``probes`` Rademacher vectors (drawn on the CPU with ``seed``, normalized to unit length) are
-    run through ``min(steps, n)`` Lanczos steps together: one block product ``op @ V``
-    (``V`` of shape ``(n, probes)``) per step. With ``reorth="full"`` the basis holds
-    ``probes × steps`` vectors (``basis_device="cpu"`` puts it in host memory); ``"none"`` keeps
-    three vectors per probe: ghost copies then split the weight of a converged eigenvalue among
-    themselves, which leaves the quadrature (and the density) accurate (Greenbaum 1989), so no
-    warning is raised. A probe whose Krylov space becomes invariant (breakdown) stops there: its
-    rule is then exact. With ``steps >= n`` the nodes are the eigenvalues of ``op`` (those with a
-    nonzero component along the probe).
+    run through ``min(steps, n)`` Lanczos steps, ``block_size`` probes at a time (default: all
+    together): one block product ``op @ V`` (``V`` of shape ``(n, block_size)``) per step. The
+    probes of a group are drawn when the group starts, so the rules equal those of one group
+    only when ``block_size >= probes``; each group is an independent sample either way. With
+    ``reorth="full"`` the basis holds ``block_size × steps`` vectors (``basis_device="cpu"`` puts
+    it in host memory, ``"disk"`` in a scratch file in ``scratch_dir``, as for
+    :func:`~curvlab.linalg.lanczos`); ``"none"`` keeps three vectors per probe of a group:
+    ghost copies then split the weight of a converged eigenvalue among themselves, which leaves
+    the quadrature (and the density) accurate (Greenbaum 1989), so no warning is raised. A probe
+    whose Krylov space becomes invariant (breakdown) stops there: its rule is then exact. With
+    ``steps >= n`` the nodes are the eigenvalues of ``op`` (those with a nonzero component along
+    the probe). ``progress`` is called with a :class:`~curvlab.linalg.progress.Progress` after
+    every block product.
     """
     op = as_operator(op)
     n = op.shape[0]
     if probes < 1 or steps < 1:
         raise ValueError(f"probes and steps must be at least 1, got {probes} and {steps}")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be at least 1, got {block_size}")
     if reorth not in ("full", "selective", "none"):
         raise ValueError(f"reorth must be 'full', 'selective' or 'none', got {reorth!r}")
     steps = min(steps, n)
+    group = probes if block_size is None else min(block_size, probes)
     gen = torch.Generator().manual_seed(seed)
-    V = random_probes(op, probes, gen) / math.sqrt(n)
-    rec = _Recurrence(op, V, steps, reorth, basis_device, keep_basis=reorth != "none")
-    while rec.steps < steps:
-        rec.step()
-        if rec.steps % _CHECK_EVERY == 0 and bool((rec.broken_at >= 0).all()):
-            break
-    alpha, beta, broken = rec.sync()
-    nodes, weights = [], []
-    for c in range(probes):
-        m = int(broken[c]) + 1 if broken[c] >= 0 else rec.steps
-        theta, S = eigh_tridiagonal(alpha[:m, c], beta[: m - 1, c])
-        nodes.append(torch.from_numpy(theta))
-        weights.append(torch.from_numpy(S[0] ** 2))
-    return SpectralDensity(tuple(nodes), tuple(weights), n, steps, rec.products)
+    nodes, weights, products = [], [], 0
+    for first in range(0, probes, group):
+        count = min(group, probes - first)
+        V = random_probes(op, count, gen) / math.sqrt(n)
+        rec = _Recurrence(op, V, steps, reorth, basis_device, reorth != "none", scratch_dir)
+        try:
+            while rec.steps < steps:
+                rec.step()
+                if progress is not None:
+                    progress(Progress("slq", products + rec.products, probes * steps))
+                if rec.steps % _CHECK_EVERY == 0 and bool((rec.broken_at >= 0).all()):
+                    break
+            alpha, beta, broken = rec.sync()
+        finally:
+            rec.close()
+        del V
+        products += rec.products
+        for c in range(count):
+            m = int(broken[c]) + 1 if broken[c] >= 0 else rec.steps
+            theta, S = eigh_tridiagonal(alpha[:m, c], beta[: m - 1, c])
+            nodes.append(torch.from_numpy(theta))
+            weights.append(torch.from_numpy(S[0] ** 2))
+    return SpectralDensity(tuple(nodes), tuple(weights), n, steps, products)
 
 
 def block_spectral_densities(
@@ -146,12 +168,15 @@ def block_spectral_densities(
     seed: int = 0,
     reorth: Reorth = "full",
     basis_device: torch.device | str | None = None,
+    block_size: int | None = None,
+    scratch_dir: str | os.PathLike | None = None,
 ) -> dict[str, SpectralDensity]:
     """:func:`spectral_density` of each operator of ``ops`` (e.g. the diagonal blocks of a
     curvature matrix), keyed like ``ops``. Every block uses the same ``seed``, so each result
     does not depend on which other blocks are in the mapping."""
     return {
         name: spectral_density(op, probes=probes, steps=steps, seed=seed, reorth=reorth,
-                               basis_device=basis_device)
+                               basis_device=basis_device, block_size=block_size,
+                               scratch_dir=scratch_dir)
         for name, op in ops.items()
     }
