@@ -562,6 +562,76 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
                f"{result.chunks_skipped:,} chunks already done){_processes()}")
 
 
+class ProgressReporter:
+    """Shows :class:`curvlab.linalg.Progress` reports of ``compute_spectra`` on stderr: a tqdm
+    bar per (target, task) on a terminal; otherwise a plain line every ``every`` products (and
+    at the first and the last), so a slow run can be told from a hung one in a log."""
+
+    def __init__(self, enabled: bool = True, every: int = 5, stream=None) -> None:
+        import time
+
+        self.enabled, self.every = enabled, every
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.clock = time.perf_counter
+        self.key: tuple[str, str] | None = None
+        self.bar = None
+        self.start = self.last_logged = 0.0
+        self.logged = 0
+
+    def _describe(self, p) -> str:
+        parts = []
+        if p.values is not None and len(p.values):
+            parts.append(f"λ {p.values[0]:.4e} … {p.values[-1]:.4e}")
+            parts.append(f"max rel. residual {float(max(p.residuals)):.1e}")
+            parts.append(f"{p.converged}/{len(p.values)} converged")
+        if p.restarts:
+            parts.append(f"{p.restarts} restarts")
+        return ", ".join(parts)
+
+    def __call__(self, target: str, p) -> None:
+        if not self.enabled:
+            return
+        key = (target, p.task)
+        if key != self.key:
+            self.close()
+            self.key, self.start, self.logged = key, self.clock(), 0
+        elapsed = self.clock() - self.start
+        if self.tty:
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=p.total, desc=f"{p.task} {target}", unit="prod",
+                                leave=False, file=self.stream)
+            self.bar.total = p.total
+            self.bar.update(p.done - self.bar.n)
+            self.bar.set_postfix_str(self._describe(p), refresh=False)
+            return
+        final = p.done >= p.total or (p.values is not None and p.converged == len(p.values))
+        if p.done - self.logged < self.every and self.logged and not final:
+            return
+        self.logged = p.done
+        rate = elapsed / max(p.done, 1)
+        eta = rate * max(p.total - p.done, 0)
+        bound = "≤ " if p.task == "lanczos" else ""
+        detail = self._describe(p)
+        self.stream.write(f"{p.task} {target}: {p.done}/{p.total} products, {rate:.2f} s each, "
+                          f"ETA {bound}{_format_seconds(eta)}{'; ' + detail if detail else ''}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.key = None
+
+
+def _format_seconds(s: float) -> str:
+    from curvlab.curvature.extract import format_seconds
+
+    return format_seconds(s)
+
+
 @cli.command()
 @click.argument("source", type=click.Path())
 @click.option("--curvature", "kind", default="ggn", show_default=True,
@@ -582,11 +652,34 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
               help="Relative residual tolerance of the Ritz pairs.")
 @click.option("--reorth", type=click.Choice(["full", "selective", "none"]), default="full",
               show_default=True, help="Lanczos reorthogonalization.")
+@click.option("--max-iter", type=int, default=None,
+              help="Most Lanczos steps (products) per target [min(n, max(100, 10k)); "
+                   "restarted: max(300, 30k)].")
+@click.option("--basis-size", type=int, default=None,
+              help="Most Lanczos basis vectors kept (thick restart beyond) [max(2k+1, 20)].")
+@click.option("--basis-device", type=click.Choice(["device", "cpu", "disk"]), default="device",
+              show_default=True,
+              help="Where the Lanczos/SLQ basis lives: the operator's device, host memory, or "
+                   "a scratch file beside the output (removed at the end).")
+@click.option("--cache", "cache_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="Cached linearization of the products (faster, more memory); auto: when the "
+                   "memory plan fits with it.")
+@click.option("--max-memory", default=None,
+              help="Refuse runs whose estimated peak memory exceeds this (e.g. 8G) [what the "
+                   "machine has available].")
 @click.option("--density", is_flag=True, help="Spectral density by SLQ.")
 @click.option("--probes", type=int, default=10, show_default=True)
 @click.option("--steps", type=int, default=80, show_default=True)
+@click.option("--probe-block", type=int, default=None,
+              help="Probes per block product of SLQ and Hutch++ [all SLQ probes; 32].")
 @click.option("--trace", is_flag=True, help="Hutch++ trace with a standard error.")
+@click.option("--trace-matvecs", type=int, default=102, show_default=True,
+              help="Products of the Hutch++ trace (a third of them kept as vectors).")
 @click.option("--vectors", is_flag=True, help="Store Ritz vectors.")
+@click.option("--progress/--no-progress", "show_progress", default=True, show_default=True,
+              help="Progress on stderr: a bar on a terminal, else a log line every few "
+                   "products.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -599,21 +692,42 @@ def extract(checkpoint, data_source, batch_size, seq_len, num_batches, seed, win
               help="Seed of the Lanczos / SLQ / Hutch++ random vectors.")
 @product_options
 @data_options
-def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, reorth, density,
-             probes, steps, trace, vectors, dtype, device, out, overwrite, plot_path,
-             lanczos_seed, data_source, batch_size, seq_len, num_batches, seed, windows,
-             split, tokenizer, text_field, precision, compile_products) -> None:
+def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, reorth,
+             max_iter, basis_size, basis_device, cache_mode, max_memory, density, probes, steps,
+             probe_block, trace, trace_matvecs, vectors, show_progress, dtype, device, out,
+             overwrite, plot_path, lanczos_seed, data_source, batch_size, seq_len, num_batches,
+             seed, windows, split, tokenizer, text_field, precision, compile_products) -> None:
     """Eigenvalues, spectral density and trace of a curvature operator, its blocks, or its
-    block-diagonal part. Given a results .h5 with dense blocks: their exact eigenvalues."""
+    block-diagonal part. Given a results .h5 with dense blocks: their exact eigenvalues.
+
+    Before the first product it prints a memory plan (parameters, cached linearization, basis,
+    probes) and refuses, in one line naming an option that fits, a run that would not fit."""
     import warnings
+    from pathlib import Path
 
     from tqdm import tqdm
 
-    from curvlab import store
+    from curvlab import memory, store
     from curvlab.curvature.precision import CompileWarning
-    from curvlab.spectra import TargetSpectrum, compute_spectra, exact_eigenvalues
+    from curvlab.linalg import default_basis_size
+    from curvlab.spectra import (
+        TargetSpectrum,
+        check_spectrum_numbers,
+        compute_spectra,
+        exact_eigenvalues,
+    )
     from curvlab.store.spectrum import write_target_spectrum
 
+    check_spectrum_numbers(k=k, which=which, tol=tol, max_iter=max_iter, basis_size=basis_size,
+                           density=density, probes=probes, steps=steps, probe_block=probe_block,
+                           trace=trace, trace_matvecs=trace_matvecs)
+    for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len),
+                        ("--batches", num_batches)):
+        if value is not None and value < 1:
+            raise curvlab.errors.ConfigError(f"{name} must be >= 1, got {value}")
+    limit = memory.parse_bytes(max_memory) if max_memory is not None else None
+    if k > 0 and basis_size is None:
+        basis_size = default_basis_size(k, which)
     main = distributed.is_main()
     device = distributed.local_device(device)  # torchrun + NCCL: this rank's GPU
     _check_precision(precision, dtype)
@@ -658,18 +772,31 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
     for t in targets:
         if t not in ("full", "blockdiag"):
             blocks[t]  # unknown names fail here, listing the valid ones
-    bar = tqdm(total=len(targets), desc=f"{kind} spectra", unit="target", leave=False,
-                disable=None)
+    scratch = (out_path.parent if out_path is not None else Path(out).parent).absolute()
+    settings = memory.SpectrumSettings(
+        k=k, which=which, basis_size=basis_size, basis_device=basis_device, max_iter=max_iter,
+        vectors=vectors, density=density, probes=probes, steps=steps, probe_block=probe_block,
+        reorth=reorth, trace=trace, trace_matvecs=trace_matvecs, batch_size=spec.batch_size,
+        batches=len(batches))
+    plan = memory.choose(memory.measure(op, scratch_dir=scratch, max_memory=limit), settings,
+                         cache={"auto": "auto", "on": True, "off": False}[cache_mode])
+    op.engine.set_cache(plan.settings.cached)
+    if main:
+        click.echo(plan.describe(), err=True)
+    reporter = ProgressReporter(enabled=show_progress and main)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = []
         for t in targets:
-            bar.set_postfix_str(t)
             results += compute_spectra(op, [t], k=k, which=which, tol=tol, reorth=reorth,
-                                       density=density, probes=probes, steps=steps, trace=trace,
-                                       return_vectors=vectors, seed=lanczos_seed)
-            bar.update()
-    bar.close()
+                                       max_iter=max_iter, basis_size=basis_size,
+                                       basis_device=None if basis_device == "device"
+                                       else basis_device, scratch_dir=scratch,
+                                       density=density, probes=probes, steps=steps,
+                                       probe_block=probe_block, trace=trace,
+                                       trace_matvecs=trace_matvecs, return_vectors=vectors,
+                                       seed=lanczos_seed, progress=reporter)
+    reporter.close()
     if not main:
         return
     for w in caught:

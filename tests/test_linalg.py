@@ -5,7 +5,9 @@ the operator is a custom object that counts products, so that product accounting
 block products ``op @ V`` are checked too.
 """
 
+import importlib
 import math
+import os
 import warnings
 
 import numpy as np
@@ -453,3 +455,146 @@ def test_cg_indefinite_raises_unless_damped():
 def test_cg_nan_operator_raises():
     with pytest.raises(ValueError, match="non-finite values at iteration 2"):
         cg(_NaNAfter(A, 2), torch.ones(N, dtype=F64))
+
+
+# ---------------------------------------------------------------- bounded memory (issue 20)
+
+
+def _scratch_fds(folder) -> list[str]:
+    """Open descriptors of this process pointing into ``folder`` (deleted files included)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(folder)):
+            out.append(target)
+    return out
+
+
+@pytest.mark.parametrize("which, size", [("top", 11), ("bottom", 13), ("both", 21)])
+@pytest.mark.parametrize("where", [None, "disk"])
+def test_restarted_lanczos_equals_full_basis_and_eigvalsh(which, size, where, tmp_path):
+    scale = float(TRUE.abs().max())
+    full = lanczos(A, 10, which, tol=1e-12, max_iter=N)
+    op = Counting(A)
+    res = lanczos(op, 10, which, tol=1e-12, basis_size=size, basis_device=where,
+                  scratch_dir=tmp_path, max_iter=3000, verify=True)
+    assert res.restarts > 0 and bool(res.converged.all())  # restarts were forced
+    ref = _reference(which, 10)
+    assert float((res.eigenvalues - ref).abs().max()) <= 1e-10 * scale
+    assert float((res.eigenvalues - full.eigenvalues).abs().max()) <= 1e-10 * scale
+    V = res.eigenvectors
+    assert torch.allclose(V.T @ V, torch.eye(V.shape[1], dtype=F64), atol=1e-10)
+    assert float(res.verified_residual_norms.max()) <= 1e-10 * scale
+    assert res.products == op.columns and res.orthogonality < 1e-12
+    # the arrowhead-plus-tridiagonal T of the last cycle has the Ritz values
+    l = res.coupling.numel()
+    T = torch.diag(res.alpha) + torch.diag(res.beta[:-1], 1) + torch.diag(res.beta[:-1], -1)
+    T[l, :l] = T[:l, l] = res.coupling
+    ev = torch.linalg.eigvalsh(T)
+    assert float((res.eigenvalues[:, None] - ev).abs().min(1).values.max()) <= 1e-12 * scale
+    assert res.alpha.shape[0] <= size and os.listdir(tmp_path) == []
+
+
+def test_restarted_lanczos_keeps_at_most_basis_size_vectors(monkeypatch):
+    sizes = []
+
+    class Spy(Counting):
+        def __matmul__(self, v):
+            sizes.append(rec_basis[0].size)
+            return super().__matmul__(v)
+
+    lz = importlib.import_module("curvlab.linalg.lanczos")
+    rec_basis = []
+    original = lz._make_basis
+
+    def spy(*args, **kw):
+        basis = original(*args, **kw)
+        rec_basis.append(basis)
+        return basis
+
+    monkeypatch.setattr(lz, "_make_basis", spy)
+    res = lanczos(Spy(A), 5, tol=1e-10, basis_size=8)
+    assert res.restarts > 0 and max(sizes) == 8 and sum(b.numel() for b in
+                                                        rec_basis[0].blocks) <= 8 * N
+
+
+def test_disk_basis_is_removed_after_the_run_and_an_interruption(tmp_path):
+    seen = []
+
+    class Interrupt(Counting):
+        def __init__(self, matrix, at):
+            super().__init__(matrix)
+            self.at = at
+
+        def __matmul__(self, v):
+            seen.append(_scratch_fds(tmp_path))
+            if self.calls + 1 == self.at:
+                raise KeyboardInterrupt
+            return super().__matmul__(v)
+
+    lanczos(Interrupt(A, 10**9), 3, basis_size=6, basis_device="disk", scratch_dir=tmp_path)
+    # while it ran, the scratch file was open but already unlinked from the folder
+    assert seen and all(len(s) == 1 and s[0].endswith("(deleted)") for s in seen)
+    assert os.listdir(tmp_path) == [] and _scratch_fds(tmp_path) == []
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        lanczos(Interrupt(A, 7), 3, basis_size=6, basis_device="disk", scratch_dir=tmp_path)
+    assert len(seen) == 7 and len(seen[-1]) == 1
+    assert os.listdir(tmp_path) == [] and _scratch_fds(tmp_path) == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k=5, basis_size=5), "basis_size=5 must be at least"),
+    (dict(k=3, which="both", basis_size=6), "at least k'\\+1=7"),
+    (dict(k=3, basis_size=10, reorth="none"), "needs reorth='full'"),
+    (dict(k=3, max_iter=0), "max_iter must be at least 1"),
+])
+def test_restart_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lanczos(A, **kwargs)
+
+
+def test_lanczos_progress_reports():
+    reports = []
+    res = lanczos(A, 4, tol=1e-10, basis_size=9, progress=reports.append)
+    assert [r.done for r in reports[:3]] == [1, 2, 3]
+    assert all(r.task == "lanczos" and r.total >= r.done for r in reports)
+    assert reports[-1].done == res.products and reports[-1].converged == 4
+    assert np.allclose(reports[-1].values, res.eigenvalues.numpy())
+    assert reports[-1].restarts == res.restarts > 0
+    assert any(r.values is not None and r.converged < 4 for r in reports)
+
+
+def test_slq_probe_blocks_and_disk_basis(tmp_path):
+    ref = spectral_density(A, probes=4, steps=20, seed=3)
+    same = spectral_density(A, probes=4, steps=20, seed=3, block_size=4, basis_device="disk",
+                            scratch_dir=tmp_path)
+    for a, b in zip(ref.nodes + ref.weights, same.nodes + same.weights):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    reports = []
+    one = spectral_density(A, probes=4, steps=20, seed=3, block_size=1, progress=reports.append)
+    assert one.probes == 4 and one.products == 80 and reports[-1].done == 80
+    assert all(abs(float(w.sum()) - 1) < 1e-12 for w in one.weights)
+    assert abs(one.trace_estimate - float(TRUE.sum())) < 4 * one.trace_stderr
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="block_size"):
+        spectral_density(A, block_size=0)
+
+
+def test_hutchpp_in_place_sketch_matches_qr_and_reports():
+    # the same estimate as an explicit QR of the same sketch (r <= block_size: same draws)
+    op = as_operator(A)
+    gen = torch.Generator().manual_seed(5)
+    S = random_probes(op, 10, gen)
+    Q = torch.linalg.qr(A @ S).Q
+    top = float((Q * (A @ Q)).sum())
+    Z = random_probes(op, 10, gen)
+    Z = Z - Q @ (Q.T @ Z)
+    expect = top + float((Z * (A @ Z)).sum(0).mean())
+    reports = []
+    est = hutchpp(A, matvecs=30, seed=5, progress=reports.append)
+    assert abs(est.estimate - expect) <= 1e-10 * abs(expect)
+    assert reports[-1].done == 30 and reports[-1].task == "hutchpp"

@@ -329,7 +329,12 @@ class _Engine:
             warnings.simplefilter("always", CompileWarning)
             for state in self._states:
                 out = self._product_one(state, t)
-                total = out if total is None else {k: total[k] + out[k] for k in out}
+                if total is None:
+                    total = out
+                else:  # in place: one parameter-sized result, not three
+                    for k in out:
+                        total[k] = total[k].add_(out[k])
+                    del out
         for w in caught:  # what was not ignored, passed on to the caller's filters
             warnings.warn(w.message, w.category, stacklevel=3)
         return total
@@ -393,7 +398,19 @@ class CurvatureOperator:
         return self.row_space.from_tangents(e.product(t))
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return _reduced(self._local_matvec(v))
+        """One product of a 1-D ``v``: the per-parameter results are copied into the flat
+        output one by one and released as they go (peak: the output and the gradient, not the
+        gradient twice)."""
+        e = self.engine
+        grads = e.product(self.col_space.to_tangents(v, e.names, e.params))
+        segments = self.row_space.segments
+        last = {name: i for i, (name, *_rest) in enumerate(segments)}
+        out = v.new_empty(self.row_space.size)
+        for i, (name, start, stop, off) in enumerate(segments):
+            out[off : off + stop - start] = grads[name].reshape(-1)[start:stop]
+            if last[name] == i:
+                del grads[name]
+        return _reduced(out)
 
     def __matmul__(self, v: Any) -> Any:
         if isinstance(v, Mapping):
