@@ -713,8 +713,10 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
     from curvlab.spectra import (
         TargetSpectrum,
         check_spectrum_numbers,
+        check_target_size,
         compute_spectra,
         exact_eigenvalues,
+        target_operator,
     )
     from curvlab.store.spectrum import write_target_spectrum
 
@@ -772,6 +774,7 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
     for t in targets:
         if t not in ("full", "blockdiag"):
             blocks[t]  # unknown names fail here, listing the valid ones
+        check_target_size(target_operator(op, t), t, k, which)  # before the plan
     scratch = (out_path.parent if out_path is not None else Path(out).parent).absolute()
     settings = memory.SpectrumSettings(
         k=k, which=which, basis_size=basis_size, basis_device=basis_device, max_iter=max_iter,

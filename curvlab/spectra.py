@@ -95,13 +95,7 @@ def compute_spectra(
     out = []
     for target in targets:
         sub = target_operator(op, target)
-        n = sub.shape[0]
-        need = 2 * k if which == "both" else k
-        if need > n:
-            raise CurvlabError(
-                f"target {target!r} has dimension {n}: cannot compute {need} eigenvalues "
-                f"(k={k}, which={which})"
-            )
+        n = check_target_size(sub, target, k, which)
         tell = None if progress is None else (lambda report, t=target: progress(t, report))
         eig = dens = tr = None
         try:
@@ -122,6 +116,19 @@ def compute_spectra(
             raise CurvlabError(f"target {target!r}: {e}") from None
         out.append(TargetSpectrum(target, n, eig, dens, tr))
     return out
+
+
+def check_target_size(sub, target: str, k: int, which: str) -> int:
+    """The dimension of the target's operator ``sub``; a :class:`CurvlabError` when it has
+    fewer than the ``k'`` wanted eigenvalues."""
+    n = sub.shape[0]
+    need = 2 * k if which == "both" else k
+    if need > n:
+        raise CurvlabError(
+            f"target {target!r} has dimension {n}: cannot compute {need} eigenvalues "
+            f"(k={k}, which={which})"
+        )
+    return n
 
 
 def check_spectrum_numbers(

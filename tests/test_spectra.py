@@ -74,3 +74,35 @@ def test_exact_eigenvalues():
     a = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     a = a @ a.T
     assert np.allclose(exact_eigenvalues(a).numpy(), np.linalg.eigvalsh(a.numpy()))
+
+
+def test_restarted_spectra_match_eigvalsh(cfg, tmp_path):
+    model, batch = make_model(cfg), make_batch(cfg)
+    op = ggn(model, batch, "layer")
+    ev = torch.linalg.eigvalsh(op.to_dense()).flip(0)
+    reports = []
+    res, = compute_spectra(op, ["full"], k=5, tol=1e-11, basis_size=7, basis_device="disk",
+                           scratch_dir=tmp_path, max_iter=2000,
+                           progress=lambda t, r: reports.append((t, r)))
+    assert res.lanczos.restarts > 0
+    assert torch.allclose(res.lanczos.eigenvalues, ev[:5], rtol=0, atol=1e-10 * ev.abs().max())
+    assert reports and all(t == "full" for t, _ in reports)
+    assert reports[-1][1].converged == 5 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k=-1), "--k must be >= 0"),
+    (dict(k=0), "computes nothing"),
+    (dict(k=3, basis_size=3), "--basis-size must be at least k'\\+1 = 4"),
+    (dict(k=2, which="both", basis_size=4), "k'\\+1 = 5"),
+    (dict(k=2, tol=0.0), "--tol"),
+    (dict(k=2, max_iter=0), "--max-iter must be >= 1"),
+    (dict(k=0, density=True, probes=0), "--probes must be >= 1"),
+    (dict(k=0, density=True, steps=0), "--steps must be >= 1"),
+    (dict(k=0, trace=True, trace_matvecs=2), "--trace-matvecs"),
+    (dict(k=1, density=True, probe_block=0), "--probe-block"),
+])
+def test_spectrum_number_errors(cfg, kwargs, match):
+    model, batch = make_model(cfg), make_batch(cfg)
+    with pytest.raises(CurvlabError, match=match):
+        compute_spectra(ggn(model, batch), ["full"], **kwargs)

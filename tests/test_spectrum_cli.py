@@ -56,3 +56,56 @@ def test_spectrum_cli_errors(tmp_path, capsys):
     torch.save(obj, tmp_path / "nan.pt")
     assert_clean_error(capsys, "spectrum", tmp_path / "nan.pt", "-o", tmp_path / "c.h5",
                        match="NaN or Inf")
+
+
+def test_spectrum_cli_refuses_nonsense_numbers_without_output(tmp_path, capsys):
+    ckpt = _ckpt(tmp_path, capsys)
+    out = tmp_path / "n.h5"
+    for args, match in [
+        (("--k", -1), "--k must be >= 0"),
+        (("--k", 0), "computes nothing"),
+        (("--k", 2, "--density", "--steps", 0), "--steps must be >= 1"),
+        (("--k", 2, "--density", "--probes", 0), "--probes must be >= 1"),
+        (("--k", 3, "--basis-size", 3), "--basis-size must be at least k'+1 = 4"),
+        (("--k", 3, "--max-iter", 2), "--max-iter 2 is smaller"),
+        (("--k", 2, "--batch-size", 0), "--batch-size must be >= 1"),
+        (("--k", 2, "--max-memory", "lots"), "not a size"),
+    ]:
+        assert_clean_error(capsys, "spectrum", ckpt, *args, "-o", out, match=match)
+        assert not out.exists()
+
+
+def test_spectrum_cli_memory_plan_refuses_in_one_line(tmp_path, capsys):
+    ckpt = _ckpt(tmp_path, capsys)
+    out = tmp_path / "m.h5"
+    err = assert_clean_error(capsys, "spectrum", ckpt, "--k", 3, "--max-memory", "1M",
+                             "-o", out, match="memory plan: estimated peak cpu")
+    assert "over 1.0 MiB" in err and "--max-memory" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_spectrum_cli_restarted_disk_basis_progress_lines(tmp_path, capsys):
+    ckpt = _ckpt(tmp_path, capsys)
+    out = tmp_path / "r.h5"
+    code, stdout, stderr = run_cli(capsys, "spectrum", ckpt, "--block", "layer.0", "--k", 3,
+                                   "--basis-size", 6,
+                                   "--basis-device", "disk", "--tol", "1e-8", "--dtype",
+                                   "float64", "--cache", "off", "-o", out)
+    assert code == 0, stderr
+    assert "memory plan: cpu ~" in stderr and "recomputed products" in stderr
+    # stderr is not a terminal: plain lines with Ritz values, residuals, restarts and an ETA
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("lanczos layer.0:")]
+    assert len(lines) >= 3 and "ETA" in lines[-1] and "3/3 converged" in lines[-1]
+    assert "restarts" in lines[-1] and "max rel. residual" in lines[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "r.h5"]  # no scratch file
+    with h5py.File(out, "r") as f:
+        ev = read_spectra(f)["ggn"]["layer.0"]["eigenvalues"]
+    model, _ = curvlab.load_checkpoint(ckpt, dtype=torch.float64)
+    batch = curvlab.data.analysis_batches(curvlab.DataSpec(seq_len=8, batch_size=2), 1)
+    block = curvlab.ggn(model, batch).block("layer.0").to_dense()
+    dense = torch.linalg.eigvalsh(block).flip(0)[:3].numpy()
+    assert np.allclose(ev, dense, rtol=1e-8)
+    code, _, stderr = run_cli(capsys, "spectrum", ckpt, "--block", "layer.0", "--k", 2,
+                              "--no-progress",
+                              "-o", tmp_path / "q.h5")
+    assert code == 0 and "lanczos full:" not in stderr

@@ -9,8 +9,11 @@ One group per (curvature kind, target); ``target`` is ``full``, ``blockdiag`` or
     residuals   float64 [k]      residual norms |β s| of the Ritz pairs
     converged   bool [k]
     eigenvectors [size, k]       only with --vectors
-    alpha, beta float64 [m]      Lanczos recurrence coefficients
-                attrs: which, tol, reorth, seed, iterations, products
+    alpha, beta float64 [m]      Lanczos recurrence coefficients (of the last cycle after
+                                 thick restarts: T = tridiag(beta[:-1], alpha, beta[:-1]) with
+                                 `coupling` in row and column l = len(coupling))
+    coupling    float64 [l]      only after thick restarts (--basis-size): the arrowhead of T
+                attrs: which, tol, reorth, seed, iterations, products, restarts
     density/    nodes, weights float64 [probes, steps] (NaN-padded); grid, values float64 [G]
                 (Gaussian-smoothed density, integrates to 1); attrs sigma, probes, steps,
                 trace_estimate, trace_stderr, products
@@ -62,6 +65,9 @@ def write_target_spectrum(file: h5py.File, kind: str, spec: Any, grid_points: in
             g.attrs[attr] = getattr(r, attr)
         g.attrs["iterations"] = np.int64(r.iterations)
         g.attrs["products"] = np.int64(r.products)
+        g.attrs["restarts"] = np.int64(getattr(r, "restarts", 0))
+        if getattr(r, "coupling", None) is not None:
+            g.create_dataset("coupling", data=_np(r.coupling).astype(np.float64))
     if spec.density is not None:
         d = spec.density
         dg = g.create_group("density")
