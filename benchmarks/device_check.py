@@ -18,6 +18,11 @@ use passes to the next):
 - ``lanczos``: curvlab's top-10 GGN eigenvalues vs scipy ``eigsh`` over a curvlinops GGN operator
   (time, products, error against a tight float64 curvlab run); skipped with the reason if
   curvlinops is not installed;
+- ``gpt2``: top-10 GGN eigenvalues of GPT-2 124M (``transformers.GPT2Config()``, random init,
+  the real 50,257-token vocabulary; curvlab's GPT family in the same shape without
+  transformers), 4x128 tokens, restarted Lanczos with a 21-vector basis, fp32 and bf16
+  products: time, products, peak GPU memory, host peak RSS (on CPU: a one-layer GPT-2 shape
+  of curvlab's GPT family);
 - ``gn``: one GN inner gradient (:func:`curvlab.train.gn.inner_gradient`) vs one gradient, and
   one full outer GN step through ``curvlab.train.train(TrainConfig(optimizer="gn",
   max_steps=1))``;
@@ -61,10 +66,10 @@ if str(REPO) not in sys.path:  # run from a checkout without installing curvlab
 import curvlab  # noqa: E402
 from curvlab.curvature.precision import precision_context  # noqa: E402
 
-PARTS = ("verify", "products", "lanczos", "gn", "torchrun", "compile")
+PARTS = ("verify", "products", "lanczos", "gpt2", "gn", "torchrun", "compile")
 # compile last: one compilation can take minutes and cannot be stopped, so it gets what is left
-SHARES = {"verify": 0.07, "products": 0.25, "lanczos": 0.22, "gn": 0.12, "torchrun": 0.14,
-          "compile": 0.20}
+SHARES = {"verify": 0.06, "products": 0.21, "lanczos": 0.17, "gpt2": 0.18, "gn": 0.10,
+          "torchrun": 0.12, "compile": 0.16}
 # relative error bounds of the self-checks against float64 on the same batch
 BOUNDS = {"fp32": 1e-3, "tf32": 5e-2, "bf16": 2.5e-1}
 
@@ -88,6 +93,8 @@ class Sizes:
     hessian_cache: bool | str  # "auto" (cached if it fits) or False
     verify_block_size: int  # small_blocks(max_size=...)
     k: int  # eigenvalues of the lanczos part
+    gpt2: tuple[int, int] = (4, 128)  # the GPT-2 124M top-10 case (issue 20)
+    gpt2_full: bool = True  # GPT-2 124M itself (else a one-layer GPT-2 shape, same vocabulary)
 
 
 CUDA_SIZES = Sizes(products=(8, 1024), lanczos=(4, 512), gn=(8, 1024), inner_steps=8,
@@ -97,7 +104,8 @@ CUDA_SIZES = Sizes(products=(8, 1024), lanczos=(4, 512), gn=(8, 1024), inner_ste
 # larger blocks are tested elsewhere)
 CPU_SIZES = Sizes(products=(2, 16), lanczos=(2, 16), gn=(2, 16), inner_steps=2,
                   torchrun=(2, 16), verify=(1, 8), repeats=1, compile_seconds=20.0,
-                  hessian_cache=False, verify_block_size=64, k=5)
+                  hessian_cache=False, verify_block_size=64, k=5, gpt2=(2, 16),
+                  gpt2_full=False)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -586,6 +594,79 @@ def part_lanczos(bench: Bench) -> None:
     rep.note(part, f"speed-up curvlab (fp32) vs scipy+curvlinops: {seconds / times['fp32']:.2f}x")
 
 
+# -- gpt2 -------------------------------------------------------------------------------------
+
+def _gpt2_model(full: bool, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """GPT-2 124M (``GPT2Config()`` defaults, random init) through ``transformers`` and
+    curvlab's Hugging Face loader when transformers is installed, else curvlab's own GPT family
+    in the same shape (learned positions, tied embeddings, biases, 50,257 tokens)."""
+    shape = dict(n_layer=12, n_embd=768, n_head=12) if full else dict(n_layer=1, n_embd=32,
+                                                                      n_head=2)
+    try:
+        if not full:  # the CPU smoke run: curvlab's own GPT (no save/load round trip)
+            raise ImportError("smoke run")
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as e:
+        cfg = curvlab.ModelConfig("gpt", 50257, 1024, shape["n_embd"], shape["n_layer"],
+                                  shape["n_head"], 4 * shape["n_embd"], bias=True,
+                                  tie_embeddings=True)
+        return (curvlab.build_model(cfg, seed=0).to(device).eval(),
+                f"curvlab gpt family in GPT-2's shape ({e})")
+    torch.manual_seed(0)
+    folder = Path(tempfile.mkdtemp(prefix="gpt2-"))
+    GPT2LMHeadModel(GPT2Config(**shape)).save_pretrained(folder)
+    model, _ = curvlab.load_model(str(folder), device=device, dtype=torch.float32)
+    return model.eval(), "transformers GPT2LMHeadModel(GPT2Config()) via curvlab.load_model"
+
+
+def part_gpt2(bench: Bench) -> None:
+    """Top-10 GGN eigenvalues of GPT-2 124M (issue 20): restarted Lanczos (basis 21 on the
+    device), fp32 and bf16 products, time, products, peak GPU memory and host peak RSS."""
+    import resource
+
+    from curvlab.linalg import default_basis_size, lanczos
+
+    part, rep = "gpt2", bench.report
+    k = 10 if bench.sizes.gpt2_full else 3
+    model, how = _gpt2_model(bench.sizes.gpt2_full, bench.device)
+    n = curvlab.models.num_parameters(model)
+    b, t = bench.sizes.gpt2
+    ids = torch.randint(0, 50257, (b, t + 1), generator=torch.Generator().manual_seed(0))
+    batch = curvlab.Batch(ids[:, :-1], ids[:, 1:]).to(bench.device)
+    size = default_basis_size(k)
+    rep.note(part, f"{how}: {n:,} parameters, batch {b}x{t} random tokens, top-{k} GGN "
+                   f"eigenvalues to 1e-4 (relative residual), basis {size} vectors on the "
+                   "device (thick restart), cached linearization")
+
+    class Guarded:
+        def __init__(self, op: Any) -> None:
+            self.op, self.shape, self.dtype, self.device = op, op.shape, op.dtype, op.device
+
+        def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+            bench.clock.guard(part)
+            return self.op @ x
+
+    found = {}
+    for precision in ["fp32", "bf16"]:
+        bench.clock.guard(part)
+        with bench.peak() as peak:
+            t0 = time.perf_counter()
+            op = Guarded(curvlab.ggn(model, batch, precision=precision))
+            res = lanczos(op, k=k, tol=1e-4, seed=0, basis_size=size, return_vectors=False,
+                          max_iter=200)
+            bench.sync()
+            seconds = time.perf_counter() - t0
+        found[precision] = res.eigenvalues
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        rep.row(part, case=f"GGN top-{k}, {precision}", seconds=seconds,
+                products=res.products, restarts=res.restarts,
+                converged=int(res.converged.sum()), lambda_1=float(res.eigenvalues[0]),
+                peak_mib=peak["mib"], host_peak_rss_gib=round(rss, 2))
+        del op, res
+    e = float(((found["bf16"] - found["fp32"]).abs() / found["fp32"].abs()).max())
+    rep.check(part, f"bf16 top-{k} vs fp32", e, BOUNDS["bf16"])
+
+
 # -- gn ---------------------------------------------------------------------------------------
 
 def part_gn(bench: Bench) -> None:
@@ -786,7 +867,8 @@ def main(argv: list[str] | None = None) -> int:
                f"({bench.n:,} parameters), budget {args.budget:.0f} s, parts {', '.join(parts)}")
     report.save()
     table = {"verify": part_verify, "products": part_products, "lanczos": part_lanczos,
-             "gn": part_gn, "torchrun": part_torchrun, "compile": part_compile}
+             "gpt2": part_gpt2, "gn": part_gn, "torchrun": part_torchrun,
+             "compile": part_compile}
     for name in parts:
         run_part(bench, name, table[name])
     failed = report.failed_checks()

@@ -30,7 +30,8 @@ def test_cpu_smoke_run(tmp_path, capsys):
     assert rc == 0, (data["failed_checks"], out[-3000:])
     assert data["failed_checks"] == []
     parts = data["parts"]
-    assert list(parts) == ["verify", "products", "lanczos", "gn", "torchrun", "compile"]
+    assert list(parts) == ["verify", "products", "lanczos", "gpt2", "gn", "torchrun",
+                          "compile"]
     for name, part in parts.items():
         assert part["status"] == "done" or part["status"].startswith(("stopped", "skipped")), \
             (name, part["status"])
