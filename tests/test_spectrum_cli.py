@@ -95,7 +95,8 @@ def test_spectrum_cli_restarted_disk_basis_progress_lines(tmp_path, capsys):
     assert "memory plan: cpu ~" in stderr and "recomputed products" in stderr
     # stderr is not a terminal: plain lines with Ritz values, residuals, restarts and an ETA
     lines = [ln for ln in stderr.splitlines() if ln.startswith("lanczos layer.0:")]
-    assert len(lines) >= 3 and "ETA" in lines[-1] and "3/3 converged" in lines[-1]
+    assert len(lines) >= 3 and "ETA ≤" in lines[1] and "3/3 converged" in lines[-1]
+    assert "done in" in lines[-1]
     assert "restarts" in lines[-1] and "max rel. residual" in lines[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "r.h5"]  # no scratch file
     with h5py.File(out, "r") as f:
