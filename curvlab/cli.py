@@ -371,20 +371,25 @@ def verify(checkpoint, block_specs, data_source, batch_size, seq_len, num_batche
             cfg = curvlab.preset(name, seq_len=max(spec.seq_len, 16))
             model = curvlab.build_model(cfg, seed=0).eval()
             batches = curvlab.data.analysis_batches(spec, 1, cfg.vocab_size, split)
-            cases.append((f"{name} (untrained, {cfg.family})", model, batches[0]))
+            cases.append((f"{name} (untrained, {cfg.family})", model, batches[0], None))
     else:
         model, info, spec, batches = load_analysis_inputs(
             checkpoint, data_source, batch_size or 1, seq_len or 16, 1, seed, windows, split,
             dtype="float64", tokenizer=tokenizer, text_field=text_field)
         for note in info.notes:
             click.echo(f"note: {note}")
-        cases.append((checkpoint, model, batches[0]))
+        stock = None
+        if info.kind == "huggingface":
+            from curvlab.models.hf import load_stock
+
+            stock = load_stock(checkpoint)
+        cases.append((checkpoint, model, batches[0], stock))
     failed = 0
-    for label, model, batch in cases:
+    for label, model, batch, stock in cases:
         blocks = (partition(model, list(block_specs)) if block_specs else small_blocks(model))
         click.echo(f"{label}: blocks {', '.join(blocks.names)} ({blocks.size} coordinates), "
                    f"{batch.num_tokens} tokens, float64")
-        for r in verify_operators(model, batch, blocks, seed=seed or 0):
+        for r in verify_operators(model, batch, blocks, seed=seed or 0, stock=stock):
             status = "INFO" if r.informational else ("PASS" if r.passed else "FAIL")
             failed += not (r.passed or r.informational)
             click.echo(f"  {status}  {r.name:<46} rel. error {r.error:9.2e}  "
@@ -614,9 +619,11 @@ class ProgressReporter:
         rate = elapsed / max(p.done, 1)
         eta = rate * max(p.total - p.done, 0)
         bound = "≤ " if p.task == "lanczos" else ""
+        when = (f"done in {_format_seconds(elapsed)}" if final
+                else f"ETA {bound}{_format_seconds(eta)}")
         detail = self._describe(p)
         self.stream.write(f"{p.task} {target}: {p.done}/{p.total} products, {rate:.2f} s each, "
-                          f"ETA {bound}{_format_seconds(eta)}{'; ' + detail if detail else ''}\n")
+                          f"{when}{'; ' + detail if detail else ''}\n")
         self.stream.flush()
 
     def close(self) -> None:

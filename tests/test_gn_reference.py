@@ -16,6 +16,7 @@ import torch
 import curvlab
 from curvlab.curvature.blocks import layer_partition
 from curvlab.models import build_model
+from curvlab.models.output import extract_logits
 from curvlab.train import GaussNewton, TrainConfig, train
 from tests.conftest import TRAIN_TEST, train_checkpoint
 
@@ -29,7 +30,7 @@ def init_ckpt(tmp_path_factory):
 
 
 def _logits(model, params, inputs):
-    z = torch.func.functional_call(model, params, (inputs,))
+    z = extract_logits(torch.func.functional_call(model, params, (inputs,)))
     return z.reshape(-1, z.shape[-1])
 
 
@@ -60,17 +61,22 @@ def _loss(model, params, batches):
 
 def _reference_run(init, layerwise):
     model, _ = curvlab.load_checkpoint(init, dtype=torch.float64)
+    stream = curvlab.BatchStream(curvlab.DataSpec(seq_len=T, batch_size=B))
+    return _reference_loop(model, layerwise, stream.batch)
+
+
+def _reference_loop(model, layerwise, batch):
+    """The reference's outer loop on ``model`` (left unchanged); ``batch(i)``: micro-batch i."""
     theta = {k: p.detach().clone() for k, p in model.named_parameters()}
     blocks = ([list(b.params) for b in layer_partition(model)] if layerwise
               else [list(theta)])
     grid = [1 / math.sqrt(2) ** i for i in range(10 if layerwise else 5)]
-    stream = curvlab.BatchStream(curvlab.DataSpec(seq_len=T, batch_size=B))
     point = {k: v.clone() for k, v in theta.items()}  # θ', carried across outer steps
     chosen = []
     for t in range(STEPS):
         first = t * 2 * INNER  # inner micro-batches, then as many for the line search
-        inner = [stream.batch(first + k) for k in range(INNER)]
-        scored = [stream.batch(first + INNER + j) for j in range(INNER)]
+        inner = [batch(first + k) for k in range(INNER)]
+        scored = [batch(first + INNER + j) for j in range(INNER)]
         for block in blocks:
             for b in inner:
                 delta = {k: point[k] - theta[k] for k in block}
@@ -97,6 +103,36 @@ def test_trainer_equals_an_independent_reference_loop(init_ckpt, optimizer):
     assert any(a < 1 for a in chosen)  # the warm start's (1 − α) Δ matters in this run
     for k, p in r.model.named_parameters():
         assert (p - theta[k]).norm() <= 1e-10 * theta[k].norm(), k
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_gauss_newton_on_a_hugging_face_llama_equals_the_reference_loop(tmp_path, layerwise):
+    """A Hugging Face Llama loaded in float64 is float64 end to end: curvlab.optim.GaussNewton
+    (torch.func products) and the reverse-mode-only reference agree as on curvlab's models."""
+    pytest.importorskip("transformers")
+    from tests import hf_families
+
+    folder = hf_families.save("llama", tmp_path / "llama")
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, hf_families.VOCAB, (STEPS * 2 * INNER, B, T + 1), generator=gen)
+
+    def batch(i):
+        return curvlab.Batch(tokens[i, :, :-1], tokens[i, :, 1:])
+
+    ref_model, _ = curvlab.load_model(folder, dtype=torch.float64)
+    theta, _, chosen = _reference_loop(ref_model, layerwise, batch)
+    model, _ = curvlab.load_model(folder, dtype=torch.float64)
+    opt = curvlab.GaussNewton(model, blocks="layer" if layerwise else None, inner="sgd",
+                              momentum=0.0, grad_clip=0.0, weight_decay=0.0, inner_lr=LR)
+    steps = []
+    for t in range(STEPS):
+        first = t * 2 * INNER
+        r = opt.step([batch(first + k) for k in range(INNER)],
+                     [batch(first + INNER + j) for j in range(INNER)])
+        steps.append(r.step_size)
+    assert steps == pytest.approx(chosen, rel=1e-15)
+    for k, p in model.named_parameters():
+        assert (p - theta[k]).norm() <= 1e-12 * theta[k].norm(), k
 
 
 def test_after_a_partial_step_the_next_solve_starts_at_the_previous_inner_solution(init_ckpt):

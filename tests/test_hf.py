@@ -156,3 +156,148 @@ def test_bad_inputs(tmp_path, capsys, monkeypatch):
     _tiny("llama", tmp_path / "ok")
     monkeypatch.setitem(sys.modules, "transformers", None)
     assert_clean_error(capsys, "info", tmp_path / "ok", match="optional package 'transformers'")
+
+
+def _old_gemma_norms(model):
+    """What curvlab did before: every ``*RMSNorm`` forward replaced by ``w · x̂`` (Gemma's norm
+    is ``(1 + w) · x̂``)."""
+    import types
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            m.forward = types.MethodType(forward, m)
+
+
+def test_the_spy_sees_what_stock_float64_keeps_in_float32():
+    from curvlab.models.float64 import LowPrecisionSpy, float64_computation
+
+    model = _tiny("llama").double()
+    spy = LowPrecisionSpy()
+    with spy, torch.no_grad():
+        model(_batch().inputs)
+    assert {"aten.cos", "aten.sin", "aten.mul"} <= set(spy.ops)  # rotary tables, norms
+    spy = LowPrecisionSpy()
+    with spy, float64_computation(), torch.no_grad():
+        model(_batch().inputs)
+    assert not spy.ops, spy.summary()  # the mode keeps every operation in float64, but ...
+    rotary = model.model.rotary_emb
+    dim = model.config.hidden_size // model.config.num_attention_heads
+    exact = 1.0 / (model.config.rope_parameters["rope_theta"]
+                   ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    assert rotary.inv_freq.dtype == torch.float64 and not torch.equal(rotary.inv_freq, exact)
+    from curvlab.models.hf import prepare_hf_model
+
+    prepare_hf_model(model, float64=True)  # ... a buffer computed in float32 stays rounded
+    assert torch.equal(model.model.rotary_emb.inv_freq, exact)  # until recomputed
+    spy = LowPrecisionSpy()
+    with spy, torch.no_grad():
+        model(_batch().inputs)
+    assert not spy.ops, spy.summary()
+
+
+def test_a_model_unlike_the_stock_one_is_refused(tmp_path, capsys, monkeypatch):
+    from tests import hf_families
+
+    folder = hf_families.save("gemma", tmp_path / "gemma")
+    tokens = tmp_path / "tok.bin"
+    import numpy as np
+
+    np.random.default_rng(0).integers(0, hf_families.VOCAB, 4000).astype("<u2").tofile(tokens)
+    # verify on the folder: the model-vs-stock row passes
+    code, out, _ = run_cli(capsys, "verify", folder, "--data", tokens, "--seq-len", 8)
+    assert code == 0 and "PASS  model-vs-stock" in out
+    # the model curvlab used to build (Gemma's norm guessed from its class name)
+    model, _ = curvlab.load_model(folder, dtype=torch.float64)
+    _old_gemma_norms(model)
+    from curvlab.models.hf import load_stock
+
+    batch = _batch(vocab=hf_families.VOCAB)
+    rows = {r.name: r for r in verify_operators(model, batch, partition(model, "layer"),
+                                                stock=load_stock(folder))}
+    assert not rows["model-vs-stock"].passed and rows["model-vs-stock"].error > 0.5
+    # at load such a preparation is refused in one line, and no results file is written
+    import curvlab.models.hf as hf
+
+    original = hf._set_eager
+    monkeypatch.setattr(hf, "_set_eager", lambda m: (original(m), _old_gemma_norms(m)))
+    with pytest.raises(curvlab.errors.CheckpointError,
+                       match=r"gemma: the prepared model's logits differ from the stock gemma "
+                             r"model \(float32, sdpa attention\) by .* relative"):
+        curvlab.load_model(folder, dtype=torch.float64)
+    out_file = tmp_path / "s.h5"
+    assert_clean_error(capsys, "spectrum", folder, "--data", tokens, "--seq-len", 8,
+                       "--k", 2, "-o", out_file, match="differ from the stock gemma model")
+    assert not out_file.exists()
+
+
+def _gelu_derivative(x, g):
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        y = 0.5 * x * (1 + torch.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))
+        (d,) = torch.autograd.grad(y, x, g)
+    return d
+
+
+class _Gelu(torch.autograd.Function):
+    """tanh-GeLU with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return 0.5 * x * (1 + torch.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _gelu_derivative(x, g)
+
+
+class _WrongGelu(_Gelu):
+    """Its backward is twice the derivative of its forward."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2.0 * _gelu_derivative(x, g)
+
+
+class _NumpyGelu(_Gelu):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.from_numpy(torch.nn.functional.gelu(x.detach()).numpy())
+
+
+class _Act(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn.apply(x)
+
+
+@pytest.mark.parametrize("fn, match", [
+    (_Gelu, None),
+    (_WrongGelu, r"module model.layers.0.mlp.act_fn calls a custom autograd.Function .*"
+                 r"_WrongGelu: its backward is not the derivative of its forward"),
+    (_NumpyGelu, r"module model.layers.0.mlp.act_fn .*\._NumpyGelu: its forward is not made of "
+                 r"differentiable torch operations"),
+])
+def test_custom_autograd_functions_are_checked_and_run_through_their_forward(fn, match):
+    from curvlab.models.hf import prepare_hf_model
+
+    model = _tiny("llama").double()
+    model.model.layers[0].mlp.act_fn = _Act(fn)
+    if match is not None:
+        with pytest.raises(curvlab.errors.CheckpointError, match=match):
+            prepare_hf_model(model, float64=True)
+        return
+    notes = prepare_hf_model(model, float64=True)
+    assert any("model.layers.0.mlp.act_fn runs _Gelu" in n for n in notes)
+    results = verify_operators(model, _batch(), partition(model, "layer"))  # jvp, double bwd
+    failed = [r for r in results if not (r.passed or r.informational)]
+    assert not failed, failed

@@ -7,7 +7,11 @@ parameter blocks and reports the relative error ``‖a − b‖ / ‖b‖`` agai
 - ``hessian-vs-finite-differences``: central differences of the gradient, step 1e-5 (tol 1e-5);
 - ``ggn-vs-explicit-jacobian``: ``Jᵀ H_z J v`` with J materialized column by column (tol 1e-10);
 - ``ggn-symmetric``: ``uᵀ(Gv) = vᵀ(Gu)`` (tol 1e-12) and ``ggn-psd``: ``vᵀGv >= 0``;
-- ``ggn-cache``: cached and recomputed linearizations agree (tol 1e-12).
+- ``ggn-cache``: cached and recomputed linearizations agree (tol 1e-12);
+- ``model-vs-stock`` (when ``stock`` is given, e.g. the Hugging Face model as ``transformers``
+  loads it by default): ``max|z − z_stock| / max|z_stock|`` of the logits on the batch
+  (tol :data:`curvlab.models.hf.FIDELITY_RTOL`, float32 accuracy): the model analyzed is the
+  model the user has.
 
 An informational line also reports how far PyTorch's ``jvp(jacrev(loss))`` path (not used by
 curvlab) is from double backward on this model: a large value means an upstream autodiff bug
@@ -28,6 +32,7 @@ from curvlab.curvature.operators import ggn, hessian
 from curvlab.curvature.space import BlockSpace
 from curvlab.data.batches import Batch
 from curvlab.models.attention import math_attention
+from curvlab.models.output import extract_logits
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,10 @@ def verify_operators(
     seed: int = 0,
     ignore_index: int = -100,
     logits_fn: LogitsFn | None = None,
+    stock: nn.Module | None = None,
 ) -> list[CheckResult]:
     """Run every check (see module docstring) in float64 on ``blocks`` of ``model``, on the
-    model's device (``batch`` is moved there)."""
+    model's device (``batch`` is moved there); ``stock`` adds the ``model-vs-stock`` row."""
     logits_fn = logits_fn or default_logits_fn
     params = model_params(model, torch.float64)
     dev = next(iter(params.values())).device
@@ -120,7 +126,20 @@ def verify_operators(
         results.append(CheckResult("ggn-cache", err, 1e-12, err <= 1e-12))
         results.append(_upstream_check(model, batch, params, targets, ignore_index, logits_fn,
                                        gen))
+    if stock is not None:
+        results.insert(0, _stock_check(model, stock, batch, logits_fn, params))
     return results
+
+
+def _stock_check(model, stock, batch, logits_fn, params) -> CheckResult:
+    from curvlab.models.hf import FIDELITY_RTOL
+
+    with torch.no_grad():
+        z = logits_fn(model, params, batch.inputs).double().cpu()
+        stock_dev = next(stock.parameters()).device
+        z_stock = extract_logits(stock(batch.inputs.to(stock_dev))).double().cpu()
+    err = float((z - z_stock).abs().max() / z_stock.abs().max().clamp_min(1e-300))
+    return CheckResult("model-vs-stock", err, FIDELITY_RTOL, err <= FIDELITY_RTOL)
 
 
 def _upstream_check(model, batch, params, targets, ignore_index, logits_fn, gen) -> CheckResult:

@@ -295,6 +295,20 @@ def _from_pretrained(transformers, path: Path, **kwargs) -> nn.Module:
         raise CheckpointError(f"{path}: cannot load the model ({msg[:200]})") from None
 
 
+def load_stock(path: str | Path) -> nn.Module:
+    """The folder's model exactly as ``transformers`` loads it by default (float32, its default
+    attention, nothing of curvlab's), in eval mode: the oracle of the fidelity check."""
+    transformers = _transformers()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return _from_pretrained(transformers, Path(path), dtype=torch.float32).eval()
+
+
+def stock_description(stock: nn.Module) -> str:
+    return (f"the stock {_family(stock)} model (float32, "
+            f"{stock.config._attn_implementation} attention)")
+
+
 def load_hf_folder(
     path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any], list[str]]:
@@ -319,9 +333,8 @@ def load_hf_folder(
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     dtype = dtype or torch.float32
-    stock = _from_pretrained(transformers, path, dtype=torch.float32).eval()
-    reference = f"the stock {config.model_type} model (float32, " \
-                f"{stock.config._attn_implementation} attention)"
+    stock = load_stock(path)
+    reference = stock_description(stock)
     ref_logits = _logits(stock, probe_batch(_vocab(stock), _max_positions(stock)))
     if dtype == torch.float32:
         model = stock
