@@ -23,8 +23,6 @@ Public API (docs/api.md: one section each, with a runnable example):
 - errors: :class:`CurvlabError` (every error a user can cause).
 """
 
-__version__ = "0.1.0"
-
 from curvlab import (  # noqa: E402
     compare,
     curvature,
@@ -37,6 +35,7 @@ from curvlab import (  # noqa: E402
     store,
     train,
 )
+from curvlab._version import __version__
 from curvlab.checkpoint import (  # noqa: E402
     CheckpointInfo,
     load_checkpoint,

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab._version import __version__
 from curvlab.errors import CheckpointError, CurvlabError
 from curvlab.fileutil import temp_beside
 from curvlab.models import ModelConfig, build_model
@@ -80,8 +81,6 @@ class CheckpointInfo:
 
 
 def _version() -> str:
-    from curvlab import __version__
-
     return __version__
 
 
@@ -282,7 +281,8 @@ def load_model(
     path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[nn.Module, CheckpointInfo]:
     """Load any supported model: a curvlab or nanoGPT checkpoint file, or a Hugging Face
-    ``save_pretrained`` folder (needs ``transformers``; eager math attention is forced)."""
+    ``save_pretrained`` folder (needs ``transformers``; prepared and checked against the stock
+    model by :func:`curvlab.models.hf.prepare_hf_model`)."""
     p = Path(path)
     if p.is_dir():
         from curvlab.models.hf import load_hf_folder

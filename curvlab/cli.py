@@ -79,7 +79,17 @@ def _info_dict(path: str) -> dict[str, Any]:
         "metrics": info.metrics,
         "data": info.data,
         "curvlab_version": info.curvlab_version,
+        "fidelity": _fidelity_dict(model),
     }
+
+
+def _fidelity_dict(model) -> dict[str, Any] | None:
+    fid = getattr(model, "curvlab_fidelity", None)
+    if fid is None:
+        return None
+    return {"relative": fid.relative, "max_abs": fid.max_abs, "reference": fid.reference,
+            "float64": fid.float64, "low_precision_ops": fid.low_precision_ops,
+            "unrolled": list(fid.unrolled)}
 
 
 @cli.command()
@@ -100,6 +110,12 @@ def info(checkpoint: str, as_json: bool) -> None:
     else:
         click.echo(f"model       {d['family']} (Hugging Face), vocab={cfg.get('vocab_size')}")
     click.echo(f"parameters  {d['parameters']:,}")
+    if d["fidelity"]:
+        from curvlab.models.hf import FIDELITY_RTOL
+
+        fid = d["fidelity"]
+        click.echo(f"fidelity    logits {fid['relative']:.1e} relative to {fid['reference']} "
+                   f"on the probe batch (refused above {FIDELITY_RTOL:.0e})")
     opt = d["optimizer"].get("name", "?") if d["optimizer"] else "?"
     click.echo(f"step        {d['step']}  (optimizer: {opt})")
     if d["metrics"]:
@@ -896,7 +912,6 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
     from curvlab import store
     from curvlab.compare import (
         compare_checkpoints,
-        compare_figures,
         format_evolution,
         format_table,
         write_compare,
@@ -955,7 +970,7 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
             write_compare(writer, runs)
         click.echo(f"wrote {out_path}{_processes()}")
     if plot_dir:
-        from curvlab.plot import save
+        from curvlab.plot import compare_figures, save
 
         os.makedirs(plot_dir, exist_ok=True)
         context = f"{info.family}, {runs[-1].result.n:,} coordinates, " \

@@ -3,12 +3,14 @@
 Each ``figure_*`` function takes plain arrays and returns a labelled
 :class:`matplotlib.figure.Figure` (axes, units, and a ``context`` line such as model and step),
 so that a figure stands alone in a paper. :func:`render_file` draws every standard figure an
-HDF5 result file supports.
+HDF5 result file supports; :func:`compare_figures` draws a comparison's from results in
+memory. This module imports the result modules, never the other way round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -17,6 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+if TYPE_CHECKING:  # results know no figures: curvlab.compare never imports this module
+    from curvlab.compare.api import CheckpointComparison, CompareResult
 
 KIND_LABELS = {"ggn": "Gauss-Newton", "hessian": "Hessian", "efisher": "empirical Fisher",
                "mcfisher": "Monte-Carlo Fisher"}
@@ -244,6 +249,53 @@ def _context(attrs: Mapping) -> str:
     return ", ".join(parts)
 
 
+def _compare_grid(result, fn) -> np.ndarray:
+    return np.array([[fn(result, n, lam) for lam in result.dampings]
+                     for n in result.preconditioners], dtype=float)
+
+
+def compare_figures(comparisons: Sequence[CheckpointComparison] | CompareResult,
+                    context: str | None = None) -> Iterator[tuple[str, Figure]]:
+    """``(stem, figure)`` pairs of a comparison's standard figures:
+
+    - ``compare_decrease``: per damping, each preconditioner's predicted decrease at the best
+      step relative to full GN (bar chart); with several checkpoints
+      ``compare_decrease_lam<λ>``: the same ratio against the training step, one line per
+      preconditioner;
+    - ``compare_condition``: condition numbers of ``P^{-1/2}(G + λI)P^{-1/2}`` (log bars;
+      hatched: Rayleigh–Ritz lower bounds), of the last checkpoint.
+    """
+    from curvlab.compare.api import CheckpointComparison, CompareResult
+
+    if isinstance(comparisons, CompareResult):
+        comparisons = [CheckpointComparison("", 0, comparisons)]
+    last = comparisons[-1].result
+    names, lams = last.preconditioners, last.dampings
+    if "full" in names:
+        if len(comparisons) == 1:
+            ratio = _compare_grid(last, lambda r, n, lam: r.ratio(n, lam))
+            yield "compare_decrease", figure_compare_decrease(names, lams, ratio,
+                                                                   context=context)
+        else:
+            steps = [c.step for c in comparisons]
+            for lam in lams:
+                values = np.array([[c.result.ratio(n, lam) for n in names]
+                                   for c in comparisons])
+                yield f"compare_decrease_lam{lam:g}", figure_compare_vs_step(
+                    steps, names, values, damping=lam, context=context)
+
+    def cond(r, n, lam):
+        s = r.row(n, lam).spectrum
+        return np.nan if s is None else s.condition
+
+    kappa = _compare_grid(last, cond)
+    if np.isfinite(kappa).any():
+        ritz = _compare_grid(last, lambda r, n, lam: (s := r.row(n, lam).spectrum) is not None
+                     and s.method == "ritz")
+        yield "compare_condition", figure_condition_numbers(
+            names, lams, kappa, lower_bound=ritz.astype(bool), context=context)
+
+
 def _figures(path: str):
     """(stem, figure) for every standard figure the file supports."""
     import h5py
@@ -272,7 +324,7 @@ def _figures(path: str):
             yield f"top_eigenvalues_{kind}", figure_top_eigenvalues(
                 {"full": targets["full"]["eigenvalues"]}, kind=kind, context=context)
     if has_compare:
-        from curvlab.compare import compare_figures, read_compare
+        from curvlab.compare import read_compare
 
         yield from compare_figures(read_compare(path), context)
     for kind in res.coupling_kinds:

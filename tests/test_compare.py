@@ -472,3 +472,15 @@ def test_cli_lists_and_validates_preconditioner_names(capsys):
                        ("muon,muon", "error: preconditioner listed twice: muon, muon")):
         assert_clean_error(capsys, "compare", "missing.pt", "--preconditioners", bad,
                            match=match)
+
+
+def test_results_know_no_figures():
+    """Importing curvlab and its result modules loads neither matplotlib nor curvlab.plot."""
+    import subprocess
+    import sys
+
+    code = ("import sys, curvlab, curvlab.compare, curvlab.store, curvlab.spectra; "
+            "print(sorted(m for m in ('matplotlib', 'curvlab.plot') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"

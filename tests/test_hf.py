@@ -1,5 +1,6 @@
 """Bring your own model: Hugging Face folders and custom modules."""
 
+import re
 import sys
 
 import pytest
@@ -94,8 +95,12 @@ def test_cli_on_hf_folder(hf_folder, tmp_path, capsys):
     np.random.default_rng(0).integers(0, 32, 4000).astype("<u2").tofile(tokens)
     code, out, _ = run_cli(capsys, "info", hf_folder)
     assert code == 0 and "huggingface" in out and "layer.1" in out
+    fidelity = float(re.search(r"fidelity +logits (\S+) relative to the stock \w+ model", out)[1])
+    assert fidelity < 1e-5
     code, out, _ = run_cli(capsys, "verify", hf_folder, "--data", tokens, "--seq-len", 8)
     assert code == 0 and "all checks passed" in out
+    row = re.search(r"PASS +model-vs-stock +rel\. error +(\S+)", out)
+    assert row and float(row[1]) < 1e-5
     code, out, _ = run_cli(capsys, "spectrum", hf_folder, "--data", tokens, "--seq-len", 8,
                            "--batch-size", 2, "--k", 3, "-o", tmp_path / "s.h5")
     assert code == 0 and "full" in out

@@ -123,8 +123,13 @@ def test_errors_are_clear_and_leave_no_corrupt_checkpoint(tmp_path, init_ckpt):
 
     with pytest.raises(KeyboardInterrupt):
         train(_config(init_ckpt, max_steps=2, out=str(tmp_path / "early")), progress=interrupt)
-    train(_config(init_ckpt, max_steps=2, out=str(tmp_path / "early"), resume=True))
+    with pytest.warns(UserWarning, match="holds no checkpoint yet .* again from step 0"):
+        train(_config(init_ckpt, max_steps=2, out=str(tmp_path / "early"), resume=True))
     assert [r["step"] for r in _rows(tmp_path / "early" / "metrics.jsonl")] == [0, 1, 2]
+    # --resume on a folder that holds no run (a typo) is refused, and nothing is written
+    with pytest.raises(ConfigError, match=r"--resume: .*typo holds no run to resume"):
+        train(_config(init_ckpt, max_steps=1, out=str(tmp_path / "typo"), resume=True))
+    assert not (tmp_path / "typo").exists()
     # an existing run is not overwritten
     train(_config(init_ckpt, max_steps=1, out=str(tmp_path / "done")))
     with pytest.raises(ConfigError, match="--resume"):

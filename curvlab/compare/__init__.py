@@ -13,7 +13,8 @@ Modules: :mod:`~curvlab.compare.problem` (G, g, loss, dense caches),
 pullbacks: diagonals of G and F, Shampoo's factors), :mod:`~curvlab.compare.metrics` (spectra,
 off-diagonal energy), :mod:`~curvlab.compare.api` (the comparison and its results),
 :mod:`~curvlab.compare.report` (text table), :mod:`~curvlab.compare.h5` (``/compare`` in
-HDF5), :mod:`~curvlab.compare.figures` (standard figures). See docs/compare.md.
+HDF5). Figures: :func:`curvlab.plot.compare_figures` (results know no figures). See
+docs/compare.md.
 """
 
 from curvlab.compare.api import (
@@ -34,7 +35,6 @@ from curvlab.compare.directions import (
     direction,
 )
 from curvlab.compare.errors import CompareError, SingularPreconditionerError
-from curvlab.compare.figures import compare_figures
 from curvlab.compare.h5 import read_compare, write_compare
 from curvlab.compare.kfac import KFACFactors, LinearLayer, kfac_factors, linear_layers
 from curvlab.compare.metrics import (
@@ -78,7 +78,6 @@ __all__ = [
     "SolveInfo",
     "Spectrum",
     "check_same_model",
-    "compare_figures",
     "compare_checkpoints",
     "compare_preconditioners",
     "direction",

@@ -86,7 +86,7 @@ def _now() -> str:
 def _versions() -> tuple[str, str]:
     import torch
 
-    from curvlab import __version__
+    from curvlab._version import __version__
 
     return str(__version__), str(torch.__version__)  # torch's is a str subclass h5py rejects
 

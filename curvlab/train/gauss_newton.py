@@ -203,8 +203,9 @@ class GaussNewton:
 
     model: any ``nn.Module`` whose forward maps ``[B, T]`` token ids to logits ``[B, T, V]`` (a
     tensor, a tuple starting with one, or an object with ``.logits``), or ``logits_fn(model,
-    params, inputs)`` to say how. A Hugging Face ``transformers`` model is switched to curvlab's
-    eager math attention (forward-mode AD needs it; :func:`curvlab.models.hf.prepare_hf_model`).
+    params, inputs)`` to say how. A Hugging Face ``transformers`` model is prepared by
+    :func:`curvlab.models.hf.prepare_hf_model` (its family's eager attention, which forward-mode
+    AD needs; float64 throughout for float64 parameters; checked against its own forward).
     blocks: ``None`` (full GN: one block), ``"layer"`` (layerwise GN: embedding / each
     transformer layer / final norm + head), a :class:`curvlab.Partition`, or a list of block
     specifications ``[name=]GLOB`` (:func:`curvlab.partition`). Blocks hold whole parameters;

@@ -254,11 +254,18 @@ def _latest(found: list[Path]) -> Path:
 
 
 def _resume_point(out: Path, resume: bool) -> str | None:
-    """The checkpoint to resume from (None: start afresh); refuses to overwrite a run."""
+    """The checkpoint to resume from (None: start afresh); refuses to overwrite a run, and
+    ``resume`` where ``out`` holds no run at all (a mistyped folder would start afresh)."""
     found = _checkpoints(out)
     if found and not resume:
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue "
                           "or choose another --out")
+    if resume and not found:
+        if not (out / "metrics.jsonl").is_file():
+            raise ConfigError(f"--resume: {out} holds no run to resume (no step_*.pt, final.pt "
+                              "or metrics.jsonl); drop --resume to start one")
+        warnings.warn(f"--resume: {out} holds no checkpoint yet (the run stopped before its "
+                      "first); starting it again from step 0", stacklevel=2)
     return str(_latest(found)) if found else None
 
 
