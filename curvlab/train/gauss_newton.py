@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,7 +52,7 @@ from curvlab.curvature.precision import check_precision
 from curvlab.data.batches import Batch
 from curvlab.errors import ConfigError, CurvlabError
 from curvlab.train.config import TrainConfig, TrainingDivergedError
-from curvlab.train.gn import MODES, solve_direction, token_counts
+from curvlab.train.gn import MODES, count_passes, solve_direction, token_counts
 from curvlab.train.line_search import line_search, reference_grid
 from curvlab.train.optimizers import INNER_OPTIMIZERS, build_optimizer, hidden_matrices
 from curvlab.train.schedules import SCHEDULES, lr_factor
@@ -75,6 +75,21 @@ class GNStep:
     inner_model_losses: ``m(Δ)`` per inner step of the first block (at the Δ the gradient was
     taken at). lr: the inner learning rate of the first inner step. step: the outer step's
     0-based index.
+
+    Cost (token counts are of the whole micro-batches, summed over ``torchrun`` ranks):
+    tokens_solve: non-ignored target tokens of the inner micro-batches (each counted once; how
+    often the solve went over them is in ``passes``). tokens_line_search: target tokens of the
+    line-search micro-batches times the number of candidates scored (every candidate reads
+    them again; 0 without a line search). passes: ``{kind: count}`` over
+    :data:`curvlab.train.gn.PASS_KINDS`, each count one pass over one micro-batch: ``loss``
+    (forward only: the line search), ``gradient`` (forward + backward), ``linearization`` (the
+    logits' ``torch.func.linearize`` on a micro-batch, traced once and reused by products),
+    ``inner_gradient`` (one linearized-model gradient: a forward pass carrying the tangent and
+    one VJP; the first-order inner solvers take one per inner step and block), ``ggn_product``
+    (one GGN product on one micro-batch; the ``cg`` solver). cg_iterations /
+    cg_residual / cg_converged (``cg`` solver only, else None): CG iterations (the largest over
+    the blocks), the final relative residual ``‖(G + λI)Δ + g‖ / ‖g‖`` (the largest over the
+    blocks), and whether every block reached ``cg_tol``.
     """
 
     step: int
@@ -86,6 +101,12 @@ class GNStep:
     inner_losses: tuple[float, ...]
     inner_model_losses: tuple[float, ...]
     lr: float
+    tokens_solve: int = 0
+    tokens_line_search: int = 0
+    passes: Mapping[str, int] = field(default_factory=dict)
+    cg_iterations: int | None = None
+    cg_residual: float | None = None
+    cg_converged: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -385,8 +406,8 @@ class GaussNewton:
         if searching and not scored:
             raise CurvlabError("the line search needs line_search_batches (fresh micro-batches; "
                                "or line_search=False for α = 1)")
-        if any(c == 0 for c in token_counts([i.batch for i in inner + scored],
-                                            self.ignore_index)):
+        counts = token_counts([i.batch for i in inner + scored], self.ignore_index)
+        if any(c == 0 for c in counts):
             raise CurvlabError("a micro-batch has no target tokens that are not ignored")
         t, n = self.steps, len(inner)
         params = dict(self.model.named_parameters())
@@ -431,8 +452,13 @@ class GaussNewton:
                 params[k].add_(d.delta[k], alpha=alpha)
         # warm start as the reference: the inner variables θ' stay where the solve left them
         self.steps += 1
+        passes = dict(d.passes)
+        passes["loss"] = passes.get("loss", 0) + len(steps) * len(scored)
         return GNStep(t, d.loss, alpha, tuple(steps), tuple(losses), d.decrease,
-                      d.inner_losses, d.inner_model_losses, self.lr(t, 0, n))
+                      d.inner_losses, d.inner_model_losses, self.lr(t, 0, n),
+                      tokens_solve=sum(counts[:n]),
+                      tokens_line_search=len(steps) * sum(counts[n:]),
+                      passes=count_passes(**passes))
 
     def _reset(self) -> None:
         """Inner variables back to the model's parameters, fresh inner optimizer state."""

@@ -26,7 +26,7 @@ rank the single-process result on the whole micro-batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -168,6 +168,7 @@ class Direction:
     blocks: the loss decrease the inner model predicts.
     inner_losses: ``L(θ_t)`` per inner micro-batch; inner_model_losses: ``m(Δ)`` at each inner
     step of the first block (at the Δ its gradient was taken at).
+    passes: what the solve ran, per micro-batch (:data:`PASS_KINDS`).
     """
 
     delta: Tensors
@@ -175,6 +176,21 @@ class Direction:
     decrease: float
     inner_losses: tuple[float, ...] = ()
     inner_model_losses: tuple[float, ...] = ()
+    passes: Mapping[str, int] = field(default_factory=dict)
+
+
+# what one step ran, counted per micro-batch (GNStep.passes): a forward-only loss, a
+# forward+backward gradient, one linearization of the logits (jvp traced once), one inner
+# gradient (tangent forward + VJP, :func:`linearized_vjp`), one GGN product
+PASS_KINDS = ("loss", "gradient", "linearization", "inner_gradient", "ggn_product")
+
+
+def count_passes(**counts: int) -> dict[str, int]:
+    """A ``{kind: count}`` mapping with every kind of :data:`PASS_KINDS` (0 where not given)."""
+    unknown = sorted(set(counts) - set(PASS_KINDS))
+    if unknown:
+        raise ValueError(f"unknown pass kind {unknown[0]!r}; expected one of {PASS_KINDS}")
+    return {k: int(counts.get(k, 0)) for k in PASS_KINDS}
 
 
 def solve_direction(
@@ -225,4 +241,5 @@ def solve_direction(
         decreases.append(r.loss - r.model_loss)
     delta = {name: point[name] - theta[name] for name in point}
     return Direction(delta, sum(losses) / len(losses), sum(decreases) / len(decreases),
-                     tuple(losses), tuple(model_losses))
+                     tuple(losses), tuple(model_losses),
+                     count_passes(inner_gradient=len(blocks) * len(batches)))
