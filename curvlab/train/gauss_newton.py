@@ -79,14 +79,17 @@ class GNStep:
     Cost (token counts are of the whole micro-batches, summed over ``torchrun`` ranks):
     tokens_solve: non-ignored target tokens of the inner micro-batches (each counted once; how
     often the solve went over them is in ``passes``). tokens_line_search: target tokens of the
-    line-search micro-batches times the number of candidates scored (every candidate reads
-    them again; 0 without a line search). passes: ``{kind: count}`` over
-    :data:`curvlab.train.gn.PASS_KINDS`, each count one pass over one micro-batch: ``loss``
-    (forward only: the line search), ``gradient`` (forward + backward), ``linearization`` (the
-    logits' ``torch.func.linearize`` on a micro-batch, traced once and reused by products),
-    ``inner_gradient`` (one linearized-model gradient: a forward pass carrying the tangent and
-    one VJP; the first-order inner solvers take one per inner step and block), ``ggn_product``
-    (one GGN product on one micro-batch; the ``cg`` solver). cg_iterations /
+    line-search micro-batches, each counted once however many candidates score it (0 without a
+    line search): solve and line-search tokens charged separately, once per micro-batch read, as
+    the reference's third-party fork counts them (gmbabreu/full-gauss-newton,
+    ``EasyLM/training_progress.py``); the candidates' re-reads are ``passes["loss"]``.
+    passes: ``{kind: count}`` over :data:`curvlab.train.gn.PASS_KINDS`, each count one pass
+    over one micro-batch: ``loss`` (forward only: the line search), ``gradient`` (forward +
+    backward), ``linearization`` (the logits' ``torch.func.linearize`` on a micro-batch,
+    traced once and reused by products), ``inner_gradient`` (one linearized-model gradient: a
+    forward pass carrying the tangent and one VJP; the first-order inner solvers take one per
+    inner step and block), ``ggn_product`` (one GGN product on one micro-batch; the ``cg``
+    solver). cg_iterations /
     cg_residual / cg_converged (``cg`` solver only, else None): CG iterations (the largest over
     the blocks), the final relative residual ``‖(G + λI)Δ + g‖ / ‖g‖`` (the largest over the
     blocks), and whether every block reached ``cg_tol``.
@@ -457,7 +460,7 @@ class GaussNewton:
         return GNStep(t, d.loss, alpha, tuple(steps), tuple(losses), d.decrease,
                       d.inner_losses, d.inner_model_losses, self.lr(t, 0, n),
                       tokens_solve=sum(counts[:n]),
-                      tokens_line_search=len(steps) * sum(counts[n:]),
+                      tokens_line_search=sum(counts[n:]) if steps else 0,
                       passes=count_passes(**passes))
 
     def _reset(self) -> None:
