@@ -20,6 +20,11 @@ Public API (docs/api.md: one section each, with a runnable example):
   :class:`curvlab.optim.GaussNewton` (docs/optim.md);
 - several processes (``torchrun``): :mod:`curvlab.distributed` (``init``, ``is_main``,
   ``Batch.shard``), see docs/distributed.md;
+- curvature along a training run (every checkpoint on the same batches, one step-axis
+  file): :func:`spectra_along`, :func:`read_trajectory` (docs/api.md); the quantities per
+  checkpoint in :mod:`curvlab.sharpness` (:func:`loss_gradient`, :func:`gradient_share`,
+  :func:`adam_preconditioner`, :func:`preconditioned_sharpness`, :func:`stability_threshold`,
+  :func:`js_distances`);
 - errors: :class:`CurvlabError` (every error a user can cause).
 """
 
@@ -72,9 +77,35 @@ from curvlab.errors import CurvlabError  # noqa: E402
 from curvlab.models import ModelConfig, build_model, lm_loss, math_attention, preset  # noqa: E402
 from curvlab.optim import GaussNewton, GNStep  # noqa: E402
 from curvlab.train import TrainConfig, TrainingDivergedError, TrainResult  # noqa: E402
+from curvlab.sharpness import (  # noqa: E402
+    adam_preconditioner,
+    checkpoint_lr,
+    checkpoint_threshold,
+    gradient_share,
+    js_distances,
+    loss_gradient,
+    parameter_vector,
+    preconditioned_sharpness,
+    stability_threshold,
+)
+from curvlab.trajectory import (  # noqa: E402
+    Trajectory,
+    find_checkpoints,
+    read_trajectory,
+    spectra_along,
+)
 
 __all__ = [
     "CompareResult",
+    "adam_preconditioner",
+    "checkpoint_lr",
+    "checkpoint_threshold",
+    "gradient_share",
+    "js_distances",
+    "loss_gradient",
+    "parameter_vector",
+    "preconditioned_sharpness",
+    "stability_threshold",
     "GNStep",
     "GaussNewton",
     "optim",
@@ -126,4 +157,8 @@ __all__ = [
     "preset",
     "save_checkpoint",
     "verify_operators",
+    "Trajectory",
+    "find_checkpoints",
+    "read_trajectory",
+    "spectra_along",
 ]

@@ -656,7 +656,7 @@ def _format_seconds(s: float) -> str:
 
 
 @cli.command()
-@click.argument("source", type=click.Path())
+@click.argument("source", nargs=-1, required=True, type=click.Path())
 @click.option("--curvature", "kind", default="ggn", show_default=True,
               type=click.Choice(["ggn", "hessian", "efisher", "mcfisher"]),
               help="Curvature matrix.")
@@ -713,15 +713,30 @@ def _format_seconds(s: float) -> str:
               help="Also draw a figure (PNG/PDF by extension).")
 @click.option("--seed-lanczos", "lanczos_seed", type=int, default=0, show_default=True,
               help="Seed of the Lanczos / SLQ / Hutch++ random vectors.")
+@click.option("--gradient-share", is_flag=True,
+              help="Step axis: share of the gradient (and of the step to the next checkpoint) "
+                   "in the top-k eigenspace of each target.")
+@click.option("--sharpness", is_flag=True,
+              help="Step axis: λ_max(P⁻¹H) (AdamW state) or λ_max(H), beside the optimizer's "
+                   "stability threshold.")
+@click.option("--heterogeneity", is_flag=True,
+              help="Step axis: per-block top eigenvalue, trace, SLQ density and pairwise "
+                   "Jensen-Shannon distances (implies --density; needs block targets).")
+@click.option("--resume", is_flag=True,
+              help="Step axis: continue OUT, skipping the finished checkpoints (same "
+                   "checkpoints, batches and options needed).")
 @product_options
 @data_options
 def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, reorth,
              max_iter, basis_size, basis_device, cache_mode, max_memory, density, probes, steps,
              probe_block, trace, trace_matvecs, vectors, show_progress, dtype, device, out,
              overwrite, plot_path, lanczos_seed, data_source, batch_size, seq_len, num_batches,
-             seed, windows, split, tokenizer, text_field, precision, compile_products) -> None:
+             seed, windows, split, tokenizer, text_field, precision, compile_products,
+             gradient_share=False, sharpness=False, heterogeneity=False, resume=False) -> None:
     """Eigenvalues, spectral density and trace of a curvature operator, its blocks, or its
     block-diagonal part. Given a results .h5 with dense blocks: their exact eigenvalues.
+    Given a `curvlab train --out` folder or several checkpoints: every checkpoint on the same
+    batches into one file with a step axis (docs/hdf5.md).
 
     Before the first product it prints a memory plan (parameters, cached linearization, basis,
     probes) and refuses, in one line naming an option that fits, a run that would not fit."""
@@ -756,6 +771,29 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
     main = distributed.is_main()
     device = distributed.local_device(device)  # torchrun + NCCL: this rank's GPU
     _check_precision(precision, dtype)
+    from curvlab import trajectory
+
+    if (not trajectory.is_single_source(source) or gradient_share or sharpness or heterogeneity
+            or resume):
+        if len(source) == 1 and str(source[0]).endswith((".h5", ".hdf5")):
+            raise curvlab.errors.ConfigError(
+                "--gradient-share, --sharpness, --heterogeneity and --resume analyze "
+                "checkpoints, not an .h5 SOURCE")
+        return _spectrum_along(
+            source, out, plot_path, show_progress and main, main, dict(
+                kind=kind, blocks=preset, block_names=block_names, full=full,
+                blockdiag=blockdiag, k=k, which=which, tol=tol, reorth=reorth,
+                max_iter=max_iter, basis_size=basis_size, basis_device=basis_device,
+                cache=cache_mode, max_memory=limit, density=density, probes=probes,
+                steps=steps, probe_block=probe_block, trace=trace,
+                trace_matvecs=trace_matvecs, vectors=vectors, seed=lanczos_seed,
+                gradient_share=gradient_share, sharpness=sharpness,
+                heterogeneity=heterogeneity, dtype=dtype, device=device, precision=precision,
+                compile=compile_products, resume=resume, overwrite=overwrite,
+                data=dict(source=data_source, batch_size=batch_size, seq_len=seq_len,
+                          batches=num_batches, seed=seed, windows=windows, split=split,
+                          tokenizer=tokenizer, text_field=text_field)))
+    source = source[0]
     if str(source).endswith((".h5", ".hdf5")):
         if not main:  # stored blocks: nothing to share, rank 0 does it alone
             return
@@ -851,6 +889,47 @@ def spectrum(source, kind, preset, block_names, full, blockdiag, k, which, tol, 
         from curvlab.plot import render_spectra
 
         for path in render_spectra(out_path, plot_path):
+            click.echo(f"wrote {path}")
+
+
+def _spectrum_along(sources, out, plot_path, show_progress: bool, main: bool,
+                    options: dict[str, Any]) -> None:
+    """``curvlab spectrum RUN_DIR`` / ``CKPT CKPT ...``: :func:`curvlab.spectra_along` and a
+    table of the step axis."""
+    import math
+
+    reporter = ProgressReporter(enabled=show_progress)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traj = curvlab.spectra_along(sources, out, log=lambda m: click.echo(m, err=True),
+                                     progress=reporter, **options)
+    reporter.close()
+    if not main:
+        return
+    from curvlab.curvature.precision import CompileWarning
+
+    for w in caught:
+        if issubclass(w.category, (curvlab.linalg.LinalgWarning, CompileWarning)):
+            click.echo(f"warning: {w.message}", err=True)
+    cols = [("λ_1 " + t, f"lambda_max/{t}") for t in traj.attrs["options"]["targets"]
+            if f"lambda_max/{t}" in traj.series][:2]
+    cols += [(name, key) for name, key in (("g share", "gradient_share/full"),
+                                           ("Δθ share", "step_share/full"),
+                                           ("sharpness", "sharpness"),
+                                           ("threshold", "sharpness_threshold"))
+             if key in traj.series]
+    click.echo(f"{'step':>8} {'optimizer':<14}" + "".join(f" {c[:12]:>12}" for c, _ in cols))
+    for i, step in enumerate(traj.steps):
+        opt = str(traj.optimizers[i].get("name", "?"))
+        vals = [float(traj.series[key][i]) for _, key in cols]
+        click.echo(f"{int(step):>8} {opt:<14}" + "".join(
+            f" {'-':>12}" if math.isnan(v) else f" {v:12.4e}" for v in vals))
+    click.echo(f"wrote {out} ({len(traj.steps)} checkpoints){_processes()}")
+    if plot_path:
+        from curvlab.plot import render_along
+
+        stem, ext = os.path.splitext(plot_path)
+        for path in render_along([out], stem + "_plots", (ext.lstrip(".") or "png",)):
             click.echo(f"wrote {path}")
 
 
@@ -981,19 +1060,40 @@ def compare(checkpoints, preconditioners, dampings, block_specs, val_batches, cg
 
 
 @cli.command()
-@click.argument("file", type=click.Path(exists=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=False))
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for the figures (default: next to FILE, FILE stem + '_plots').")
 @click.option("--pdf", is_flag=True, help="Also write PDF files.")
-def plot(file, out_dir, pdf) -> None:
+def plot(files, out_dir, pdf) -> None:
     """Render every standard figure a results .h5 file supports (densities, top eigenvalues
-    per block, coupling heatmaps, full vs block-diagonal spectra)."""
+    per block, coupling heatmaps, full vs block-diagonal spectra). Step-axis files (curvlab
+    spectrum RUN_DIR): each quantity against the step, thresholds dashed; several files (one
+    per run) overlaid, the runs' optimizers in the legend."""
     import os
 
     from curvlab.plot import render_file
+    from curvlab.trajectory import is_trajectory
 
-    if not os.path.isfile(file):
-        raise curvlab.errors.CurvlabError(f"results file not found: {file}")
+    for file in files:
+        if not os.path.isfile(file):
+            raise curvlab.errors.CurvlabError(f"results file not found: {file}")
+    along = [is_trajectory(f) for f in files]
+    if any(along) or len(files) > 1:
+        if not all(along):
+            bad = next(f for f, a in zip(files, along) if not a)
+            raise curvlab.errors.CurvlabError(
+                f"{bad} has no step axis: several files are overlaid only when each is a "
+                "step-axis file (curvlab spectrum RUN_DIR)")
+        from curvlab.plot import render_along
+
+        out_dir = out_dir or os.path.splitext(files[0])[0] + "_plots"
+        written = render_along(list(files), out_dir, ("png", "pdf") if pdf else ("png",))
+        if not written:
+            raise curvlab.errors.CurvlabError(f"{files[0]} holds nothing to plot")
+        for path in written:
+            click.echo(f"wrote {path}")
+        return
+    file = files[0]
     out_dir = out_dir or os.path.splitext(file)[0] + "_plots"
     written = render_file(file, out_dir, ("png", "pdf") if pdf else ("png",))
     if not written:

@@ -363,3 +363,143 @@ def render_spectra(path: str, plot_path: str) -> list[str]:
         return []
     stem, ext = os.path.splitext(plot_path)
     return save(chosen, stem, [ext.lstrip(".") or "png"])
+
+
+# -- curvature along training (step-axis files of curvlab spectrum RUN_DIR) ---------------------
+
+STEP_QUANTITIES = {  # series name: (y label, title)
+    "lambda_max": ("top eigenvalue λ_max of the {kind} (mean-loss scale, log)",
+                   "Top {kind} eigenvalue along training"),
+    "gradient_share": ("share of the gradient in the top-k eigenspace ‖V_kᵀg‖²/‖g‖²",
+                       "Gradient share of the top-k {kind} eigenspace"),
+    "step_share": ("share of the step θ_(t+1) − θ_t in the top-k eigenspace",
+                   "Step share of the top-k {kind} eigenspace"),
+}
+
+
+def _run_labels(trajectories: Sequence) -> list[str]:
+    """Legend labels: each run's optimizer (with its learning rate when that tells runs of one
+    optimizer apart, and the file name where labels still collide)."""
+    import os
+
+    def opt(t, with_lr: bool) -> str:
+        o = t.optimizers[-1] if t.optimizers else {}
+        label = str(o.get("name", "?"))
+        lr = (o.get("hparams") or {}).get("lr")
+        return f"{label} (lr {lr:g})" if with_lr and isinstance(lr, (int, float)) else label
+
+    labels = [opt(t, False) for t in trajectories]
+    if len(set(labels)) < len(labels):
+        labels = [opt(t, True) for t in trajectories]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab}, {os.path.basename(t.path)}" for lab, t in zip(labels, trajectories)]
+    return labels
+
+
+def figure_along(
+    steps: Sequence[np.ndarray],
+    values: Sequence[np.ndarray],
+    labels: Sequence[str],
+    *,
+    ylabel: str,
+    thresholds: Sequence[np.ndarray | None] | None = None,
+    threshold_label: str = "stability threshold",
+    log: bool = False,
+    title: str = "",
+    context: str | None = None,
+) -> Figure:
+    """One quantity against the training step, one line per run (``steps[r]``,
+    ``values[r]``); ``thresholds[r]`` (same length) is drawn dashed in the run's colour."""
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    for r, (x, y, label) in enumerate(zip(steps, values, labels)):
+        line, = ax.plot(x, y, marker="o", ms=4, lw=1.3, label=label)
+        th = thresholds[r] if thresholds is not None else None
+        if th is not None and np.isfinite(th).any():
+            ax.plot(x, th, ls="--", lw=1.1, color=line.get_color(),
+                    label=f"{threshold_label} ({label})")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _title(fig, title, context)
+    return fig
+
+
+def figures_along(paths: Sequence[str]) -> Iterator[tuple[str, Figure]]:
+    """``(stem, figure)`` for every quantity stored in the step-axis files ``paths`` (one line
+    per file, labelled by the run's optimizer): ``lambda_max_<target>``,
+    ``gradient_share_<target>``, ``step_share_<target>``, ``sharpness`` (λ_max(P⁻¹H) for
+    AdamW, λ_max(H) otherwise, thresholds 38/η-formula or 2/η dashed), ``block_lambda_max`` and
+    ``block_trace`` (per block; one panel per run), ``heterogeneity`` (mean pairwise
+    Jensen-Shannon distance of the block densities)."""
+    from curvlab.trajectory import read_trajectory
+
+    runs = [read_trajectory(p) for p in paths]
+    labels = _run_labels(runs)
+    kind = runs[0].kind
+    klabel = KIND_LABELS.get(kind, kind)
+    context = _context(runs[0].attrs) if len(runs) == 1 else \
+        f"{len(runs)} runs, {runs[0].attrs.get('model', {}).get('family', 'model')}"
+    keys = list(dict.fromkeys(k for r in runs for k in r.series))
+    for quantity, (ylabel, title) in STEP_QUANTITIES.items():
+        for key in [k for k in keys if k.startswith(quantity + "/")]:
+            target = key.split("/", 1)[1]
+            have = [(r, lab) for r, lab in zip(runs, labels) if key in r.series]
+            yield f"{quantity}_{target}".replace("/", "_"), figure_along(
+                [r.steps for r, _ in have], [r.series[key] for r, _ in have],
+                [lab for _, lab in have], ylabel=ylabel.format(kind=klabel),
+                log=quantity == "lambda_max",
+                title=f"{title.format(kind=klabel)}: {target}", context=context)
+    have = [(r, lab) for r, lab in zip(runs, labels) if "sharpness" in r.series]
+    if have:
+        yield "sharpness", figure_along(
+            [r.steps for r, _ in have], [r.series["sharpness"] for r, _ in have],
+            [lab for _, lab in have],
+            thresholds=[r.series["sharpness_threshold"] for r, _ in have],
+            ylabel="sharpness: λ_max(P⁻¹H) (AdamW), λ_max(H) (others)", log=True,
+            title="Sharpness against the stability threshold (dashed: 38/η-formula for "
+                  "AdamW, 2/η otherwise)", context=context)
+    for key, ylabel in (("block_lambda_max", f"top eigenvalue of each {klabel} block"),
+                        ("block_trace", f"trace of each {klabel} block")):
+        have = [(r, lab) for r, lab in zip(runs, labels) if key in r.series]
+        if not have:
+            continue
+        fig, axes = plt.subplots(1, len(have), figsize=(5.5 * len(have), 4), squeeze=False,
+                                 constrained_layout=True, sharey=True)
+        for ax, (r, lab) in zip(axes[0], have):
+            for j, name in enumerate(r.block_names):
+                ax.plot(r.steps, r.series[key][:, j], marker="o", ms=3, lw=1.1, label=name)
+            ax.set_yscale("log")
+            ax.set_xlabel("training step")
+            ax.set_title(lab, fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(ylabel + " (log)")
+        axes[0][-1].legend(fontsize=7)
+        _title(fig, ylabel.capitalize() + " along training", context)
+        yield key, fig
+    have = [(r, lab) for r, lab in zip(runs, labels) if "js_distance" in r.series]
+    if have:
+        def mean_off(js: np.ndarray) -> np.ndarray:
+            b = js.shape[-1]
+            mask = ~np.eye(b, dtype=bool)
+            return np.array([m[mask].mean() for m in js])
+
+        yield "heterogeneity", figure_along(
+            [r.steps for r, _ in have], [mean_off(r.series["js_distance"]) for r, _ in have],
+            [lab for _, lab in have],
+            ylabel="mean pairwise Jensen-Shannon distance of block densities",
+            title="Block heterogeneity along training", context=context)
+
+
+def render_along(paths: Sequence[str], out_dir: str, formats: Sequence[str] = ("png",)
+                 ) -> list[str]:
+    """Draw :func:`figures_along` of the step-axis files ``paths`` into ``out_dir``."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for stem, fig in figures_along(paths):
+        written += save(fig, os.path.join(out_dir, stem), formats)
+    return written

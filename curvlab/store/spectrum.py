@@ -48,7 +48,8 @@ def spectrum_group(file: h5py.File, kind: str, target: str) -> h5py.Group:
     return group
 
 
-def write_target_spectrum(file: h5py.File, kind: str, spec: Any, grid_points: int = 1000) -> None:
+def write_target_spectrum(file: h5py.File | h5py.Group, kind: str, spec: Any,
+                          grid_points: int = 1000) -> None:
     """Write a :class:`curvlab.spectra.TargetSpectrum`; ``complete`` is set last."""
     g = spectrum_group(file, kind, spec.target)
     g.attrs["size"] = np.int64(spec.size)
@@ -96,7 +97,7 @@ def write_target_spectrum(file: h5py.File, kind: str, spec: Any, grid_points: in
     if spec.exact is not None:
         g.create_dataset("exact", data=_np(spec.exact).astype(np.float64))
     g.attrs["complete"] = True
-    file.flush()
+    file.file.flush()  # file: an h5py File or a group in one (step-axis files)
 
 
 def read_spectra(file: h5py.File) -> dict[str, dict[str, dict[str, Any]]]:
