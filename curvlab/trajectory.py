@@ -16,7 +16,8 @@ one HDF5 file with a step axis (layout: docs/hdf5.md "Step-axis files").
 - :func:`read_trajectory`: the step axis and the flat per-step series of such a file.
 
 Each checkpoint is appended to the file atomically (a copy of the file with the new step, then
-a rename), so the file on disk is always a valid HDF5 file that holds only complete steps
+a rename; the file appears with the first finished checkpoint), so the file on disk is always
+a valid HDF5 file that holds only complete steps
 (``/complete`` and each ``/step/<s>`` group's ``complete`` attribute say which); ``resume=True``
 reopens it, checks that it was made from the same checkpoints, batches and options, and skips
 the finished steps. The result equals an uninterrupted run's (tested).
@@ -202,13 +203,17 @@ def _skeleton(f: h5py.File, checkpoints: Sequence[RunCheckpoint], shas: Sequence
             ds.attrs.create("names", _str_array(block_targets), dtype=STR)
 
 
-def _append(path: Path, fill: Callable[[h5py.File], None]) -> None:
-    """Apply ``fill`` to a copy of ``path`` and rename the copy over it (atomic: a killed run
-    leaves the previous, valid file)."""
+def _append(path: Path, fill: Callable[[h5py.File], None],
+            create: Callable[[str], None] | None = None) -> None:
+    """Apply ``fill`` to a copy of ``path`` (or to a new file made by ``create(tmp)``) and
+    rename the copy over it (atomic: a killed run leaves the previous, valid file, or none)."""
     fd, tmp = temp_beside(path)
     os.close(fd)
     try:
-        shutil.copyfile(path, tmp)
+        if create is not None:
+            create(tmp)
+        else:
+            shutil.copyfile(path, tmp)
         with h5py.File(tmp, "r+") as f:
             fill(f)
         with open(tmp, "rb") as fh:
@@ -434,8 +439,6 @@ def spectra_along(
         cks[0].path, d.get("source"), d.get("batch_size"), d.get("seq_len"),
         d.get("batches", 1), d.get("seed"), d.get("windows"), split, dtype, device,
         tokenizer=d.get("tokenizer"), text_field=d.get("text_field"))
-    for note in info.notes:
-        say(f"note: {note}")
     if blocks:
         part = make_partition(model, blocks if isinstance(blocks, str) else list(blocks))
     else:
@@ -445,6 +448,8 @@ def spectra_along(
     if heterogeneity and len(block_targets) < 2:
         raise ConfigError("--heterogeneity compares block densities: it needs at least two "
                           "block targets (--blocks PRESET alone, or several --block)")
+    for note in info.notes:
+        say(f"note: {note}")
     options = _options(
         kind=kind, blocks=blocks if blocks is None or isinstance(blocks, str) else list(blocks),
         targets=targets, k=k, which=which, tol=tol, reorth=reorth, max_iter=max_iter,
@@ -460,17 +465,13 @@ def spectra_along(
     done = np.zeros(n, dtype=bool)
     if main and resuming:
         done = _check_resume(out, prov, part, options, cks, shas)
-    elif main:
-        fd, tmp = temp_beside(out)
-        os.close(fd)
-        try:
-            shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-            with store.create_file(tmp, prov, part, param_shapes=shapes, overwrite=True) as w:
-                _skeleton(w.file, cks, shas, kind, targets, options, block_targets)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+    def create(tmp: str) -> None:  # the file appears with its first checkpoint
+        with store.create_file(tmp, prov, part, param_shapes=shapes, overwrite=True) as w:
+            _skeleton(w.file, cks, shas, kind, targets, options, block_targets)
+
+    exists = resuming
     done = distributed.broadcast_object(done.tolist() if main else None)
     scratch = out.parent.absolute()
     plan = None
@@ -541,7 +542,8 @@ def spectra_along(
                 g.attrs["complete"] = True
                 f["complete"][i] = True
 
-            _append(out, fill)
+            _append(out, fill, None if exists else create)
+            exists = True
         del op
     return read_trajectory(out) if main else None  # type: ignore[return-value]
 
@@ -610,21 +612,19 @@ def _quantities(i, cks, model, info, op, part, batches, results, *, load, gradie
         hess = op if kind == "hessian" else curvature_operator(
             "hessian", model, batches, part, precision=precision)
         lr = sh.checkpoint_lr(info)
-        name = str((info.optimizer or {}).get("name", ""))
-        hp = (info.optimizer or {}).get("hparams", {}) or {}
-        betas = hp.get("betas")
+        betas = ((info.extra or {}).get("train_config") or {}).get("betas")
         p = sh.adam_preconditioner(info, hess, model)
         if p is not None:
             res = sh.preconditioned_sharpness(hess, p, k=1, tol=tol, seed=seed)
         else:
             res = lanczos(hess, k=1, tol=tol, seed=seed)
-        th = sh.stability_threshold(name, lr, betas) if lr is not None else None
+        th = sh.checkpoint_threshold(info)
         out["sharpness"] = dict(
             kind=th[0] if th is not None else ("adam" if p is not None else "none"),
             value=float(res.eigenvalues[0]), eigenvalues=res.eigenvalues.double().cpu().numpy(),
             threshold=float(th[1]) if th is not None else np.nan,
             lr=float(lr) if lr is not None else np.nan,
-            beta1=float(betas[0]) if (p is not None and betas) else np.nan)
+            beta1=float(betas[0] if betas else 0.9) if p is not None else np.nan)
     if heterogeneity:
         blk = [r for r in results if r.target not in ("full", "blockdiag")]
         grid, js = sh.js_distances([r.density for r in blk])

@@ -1,0 +1,247 @@
+"""`curvlab spectrum RUN_DIR` / several checkpoints: the step-axis file, its order, resume,
+errors and figures (curvlab.trajectory, curvlab.plot.figures_along)."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, jacrev
+
+import curvlab
+from curvlab import trajectory
+from curvlab.models import ModelConfig, build_model
+from tests.cli_helpers import assert_clean_error, run_cli
+
+# vocabulary 16 (token ids from an .npy file): ~250 parameters, a dense GGN in float64 is cheap
+CFG = ModelConfig("llama", vocab_size=16, seq_len=8, d_model=4, n_layers=1, n_heads=1, d_ff=4)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 3-step float64 AdamW run with a checkpoint every step (final.pt repeats step 3)."""
+    root = tmp_path_factory.mktemp("run")
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, 4000).astype(np.int64)
+    np.save(root / "tokens.npy", tokens)
+    spec = curvlab.DataSpec(source=str(root / "tokens.npy"), seq_len=8, batch_size=2)
+    init = curvlab.save_checkpoint(root / "init.pt", build_model(CFG, seed=0).double(),
+                                   data=spec.to_dict())
+    cfg = curvlab.TrainConfig(optimizer="adamw", init=str(init), data=str(root / "tokens.npy"),
+                              micro_batch_size=2, max_steps=3, eval_every=3, eval_batches=1,
+                              checkpoint_every=1, lr=3e-2, out=str(root / "adamw"),
+                              dtype="float64")
+    curvlab.train.train(cfg)
+    return root
+
+
+def _dense_ggn(model, batches) -> torch.Tensor:
+    """(1/N) Σ_tokens Jᵀ (diag p − p pᵀ) J in float64 from explicit logit Jacobians."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().double().reshape(-1) for _, p in model.named_parameters()])
+
+    def logits(flat, inputs):
+        parts, i = {}, 0
+        for n, s in zip(names, shapes):
+            parts[n] = flat[i:i + s.numel()].reshape(s)
+            i += s.numel()
+        return functional_call(model, parts, (inputs,))
+
+    G, tokens = torch.zeros(len(theta), len(theta), dtype=torch.float64), 0
+    for b in batches:
+        J = jacrev(logits)(theta, b.inputs)  # [B, T, V, n]
+        p = torch.softmax(logits(theta, b.inputs), -1).reshape(-1, CFG.vocab_size)
+        J = J.reshape(-1, CFG.vocab_size, len(theta))
+        H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        G += torch.einsum("tvn,tvw,twm->nm", J, H, J)
+        tokens += b.targets.numel()
+    return G / tokens
+
+
+def _all_items(path) -> dict:
+    """Every dataset (values) and attribute of a file, by path; timestamps left out."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj[()]
+            for k, v in obj.attrs.items():
+                out[f"{name}@{k}"] = v
+        f.visititems(visit)
+        for k, v in f.attrs.items():
+            if k != "created":
+                out[f"@{k}"] = v
+    return out
+
+
+def _same(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind in "fc":
+        return a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+    return a.shape == b.shape and bool(np.all(a == b))
+
+
+def test_find_checkpoints_order_and_final_rule(tmp_path):
+    model = build_model(CFG, seed=0)
+    folder = tmp_path / "r"
+    for step, name in ((9, "step_9.pt"), (10, "step_10.pt"), (2, "step_000002.pt"),
+                       (10, "final.pt")):
+        curvlab.save_checkpoint(folder / name, model, step=step,
+                                optimizer={"name": "adamw", "hparams": {"lr": 1e-3}})
+    found = trajectory.find_checkpoints(folder)
+    assert [c.step for c in found] == [2, 9, 10]  # numeric order; final.pt repeats step 10
+    assert [os.path.basename(c.path) for c in found] == ["step_000002.pt", "step_9.pt",
+                                                         "step_10.pt"]
+    assert found[0].optimizer["name"] == "adamw"
+    curvlab.save_checkpoint(folder / "final.pt", model, step=11)  # a new step: kept, last
+    assert [os.path.basename(c.path) for c in trajectory.find_checkpoints(folder)][-1] == \
+        "final.pt"
+    # explicit files: sorted by their stored step; two at one step are refused
+    files = [folder / "step_10.pt", folder / "step_000002.pt"]
+    assert [c.step for c in trajectory.find_checkpoints(files)] == [2, 10]
+    curvlab.save_checkpoint(tmp_path / "other.pt", model, step=9)
+    with pytest.raises(curvlab.CurvlabError, match="both at step 9"):
+        trajectory.find_checkpoints([folder / "step_9.pt", tmp_path / "other.pt"])
+
+
+def test_run_folder_step_axis_against_dense_ggn(run, tmp_path, capsys):
+    out = tmp_path / "traj.h5"
+    code, stdout, err = run_cli(capsys, "spectrum", run / "adamw", "--k", 3, "--dtype",
+                                "float64", "--tol", "1e-12", "--no-progress", "-o", out)
+    assert code == 0, err
+    for i in (1, 2, 3):
+        assert f"checkpoint {i} of 3: {run / 'adamw' / f'step_00000{i}.pt'} (step {i})" in err
+    assert "wrote" in stdout and "3 checkpoints" in stdout
+    with h5py.File(out, "r") as f:  # plain h5py
+        assert list(f["steps"][()]) == [1, 2, 3]
+        assert [s.decode() for s in f["checkpoints"][()]] == [
+            str(run / "adamw" / f"step_00000{i}.pt") for i in (1, 2, 3)]
+        assert f["complete"][()].all()
+        assert json.loads(f["optimizers"][0])["name"] == "adamw"
+        assert f.attrs["layout"] == "steps" and f.attrs["kind"] == "ggn"
+        data = json.loads(f.attrs["data"])  # recorded once, for all steps
+        assert data["batches"] == 1 and data["source"].endswith("tokens.npy")
+        stored = {s: f[f"step/{s}/spectrum/ggn/full/eigenvalues"][()] for s in (1, 2, 3)}
+        series = f["series/lambda_max/full"][()]
+        assert all(f[f"step/{s}"].attrs["complete"] for s in (1, 2, 3))
+        assert "eigenvectors" not in f["step/1/spectrum/ggn/full"]
+        shas = [s.decode() for s in f["checkpoint_sha256"][()]]
+    assert shas[0] == curvlab.store.sha256_file(run / "adamw" / "step_000001.pt")
+    # every step against the dense float64 GGN on the same batches
+    from curvlab.cli import load_analysis_inputs
+
+    for s in (1, 2, 3):
+        model, _, _, batches = load_analysis_inputs(
+            str(run / "adamw" / f"step_00000{s}.pt"), None, None, None, 1, None, None, "train",
+            "float64")
+        exact = torch.linalg.eigvalsh(_dense_ggn(model, batches)).flip(0)[:3].numpy()
+        np.testing.assert_allclose(stored[s], exact, rtol=1e-9)
+        assert series[s - 1] == stored[s][0]
+    # step 1 equals the single-checkpoint command on that file (same batches and options)
+    single = tmp_path / "single.h5"
+    code, _, err = run_cli(capsys, "spectrum", run / "adamw" / "step_000001.pt", "--k", 3,
+                           "--dtype", "float64", "--tol", "1e-12", "--no-progress", "-o",
+                           single)
+    assert code == 0, err
+    with h5py.File(single, "r") as f:
+        np.testing.assert_array_equal(f["spectrum/ggn/full/eigenvalues"][()], stored[1])
+
+
+def test_resume_after_interruption_equals_uninterrupted(run, tmp_path, monkeypatch):
+    opts = dict(k=2, dtype="float64", blocks="layer", density=True, probes=2, steps=6,
+                trace=True, trace_matvecs=6)
+    whole = tmp_path / "whole.h5"
+    curvlab.spectra_along(run / "adamw", whole, **opts)
+    part = tmp_path / "part.h5"
+    real, calls = trajectory._append, []
+
+    def failing(path, fill, create=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted during the second checkpoint
+        real(path, fill, create)
+
+    monkeypatch.setattr(trajectory, "_append", failing)
+    with pytest.raises(KeyboardInterrupt):
+        curvlab.spectra_along(run / "adamw", part, **opts)
+    monkeypatch.setattr(trajectory, "_append", real)
+    t = curvlab.read_trajectory(part)  # a valid file that says what is done
+    assert list(t.complete) == [True, False, False]
+    assert np.isnan(t.series["lambda_max/full"][1:]).all()
+    with h5py.File(part, "r") as f:
+        assert list(f["step"]) == ["1"]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # no temporary left
+    logged = []
+    curvlab.spectra_along(run / "adamw", part, resume=True, log=logged.append, **opts)
+    assert any("checkpoint 1 of 3" in m and "already done" in m for m in logged)
+    assert any(m.startswith("checkpoint 2 of 3") and "already" not in m for m in logged)
+    a, b = _all_items(whole), _all_items(part)
+    assert sorted(a) == sorted(b)
+    differ = [k for k in a if not _same(a[k], b[k])]
+    assert differ == ["@checkpoint"] or differ == [], differ  # nothing but timestamps
+    # another option: refused in one line, the file untouched
+    with pytest.raises(curvlab.CurvlabError, match="cannot resume .*option k differs"):
+        curvlab.spectra_along(run / "adamw", part, resume=True, **{**opts, "k": 3})
+    assert _all_items(part).keys() == b.keys()
+
+
+def test_errors_one_line_and_no_file(run, tmp_path, capsys):
+    out = tmp_path / "x.h5"
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(capsys, "spectrum", tmp_path / "empty", "-o", out,
+                       match="no checkpoint in this folder")
+    assert_clean_error(capsys, "spectrum", tmp_path / "nothing", run / "adamw" / "final.pt",
+                       "-o", out, match="no such checkpoint file or run folder")
+    other = curvlab.save_checkpoint(tmp_path / "other.pt", build_model(
+        ModelConfig("llama", vocab_size=16, seq_len=8, d_model=8, n_layers=1, n_heads=1,
+                    d_ff=4)), step=7)
+    assert_clean_error(capsys, "spectrum", run / "adamw", other, "-o", out,
+                       match="holds another model")
+    assert_clean_error(capsys, "spectrum", run / "adamw" / "step_000001.pt",
+                       tmp_path / "r.h5", "-o", out, match="is a results file")
+    assert_clean_error(capsys, "spectrum", run / "adamw", "--gradient-share", "--k", 0,
+                       "--trace", "-o", out, match="--gradient-share needs eigenvectors")
+    assert_clean_error(capsys, "spectrum", run / "adamw", "--heterogeneity", "-o", out,
+                       match="needs at least two block targets")
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_plot_one_and_two_runs(run, tmp_path, capsys):
+    # a second "run" of the same model: the AdamW checkpoints relabelled as Muon
+    muon = tmp_path / "muon"
+    for s in (1, 2):
+        model, info = curvlab.load_model(run / "adamw" / f"step_00000{s}.pt")
+        curvlab.save_checkpoint(muon / f"step_00000{s}.pt", model, step=s, data=info.data,
+                                optimizer={"name": "muon", "hparams": {"lr": 0.02}})
+    files = []
+    for name, src in (("a", run / "adamw"), ("m", muon)):
+        files.append(tmp_path / f"{name}.h5")
+        code, _, err = run_cli(capsys, "spectrum", src, "--k", 2, "--dtype", "float64",
+                               "--no-progress", "--blocks", "layer", "--heterogeneity",
+                               "--probes", 2, "--steps", 6, "-o", files[-1])
+        assert code == 0, err
+    code, stdout, err = run_cli(capsys, "plot", files[0], "-o", tmp_path / "one")
+    assert code == 0, err
+    one = sorted(os.listdir(tmp_path / "one"))
+    assert "lambda_max_full.png" in one and "heterogeneity.png" in one
+    assert all(os.path.getsize(tmp_path / "one" / p) > 1000 for p in one)
+    code, stdout, err = run_cli(capsys, "plot", *files, "-o", tmp_path / "two")
+    assert code == 0, err
+    assert all(os.path.getsize(tmp_path / "two" / p) > 1000
+               for p in os.listdir(tmp_path / "two"))
+    figs = dict(curvlab.plot.figures_along([str(f) for f in files]))
+    ax = figs["lambda_max_full"].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["adamw", "muon"]
+    x, y = ax.get_lines()[1].get_data()
+    assert list(x) == [1, 2] and np.all(np.isfinite(y))
+    het = figs["heterogeneity"].axes[0].get_lines()[0].get_ydata()
+    assert np.all((het > 0) & (het <= 1))  # mean JS distance of the block densities
+    # a step-axis file beside a plain one: refused in one line
+    single = tmp_path / "s.h5"
+    code, _, err = run_cli(capsys, "spectrum", run / "adamw" / "final.pt", "--k", 1,
+                           "--no-progress", "-o", single)
+    assert code == 0, err
+    assert_clean_error(capsys, "plot", files[0], single, match="has no step axis")
