@@ -177,7 +177,14 @@ def _float_list(text: str | None, option: str) -> tuple[float, ...] | None:
 @click.option("--precondition-frequency", type=int, default=None,
               help="SOAP: steps between eigenbasis updates [10].")
 @click.option("--inner-optimizer", default=None,
-              help="GN: adamw, muon-adamw (Muon on hidden matrices) or sgd [muon-adamw].")
+              help="GN: adamw, muon-adamw (Muon on hidden matrices), sgd, or cg (the exact GN "
+                   "step: conjugate gradients on GGN products; not with gn-prox) "
+                   "[muon-adamw].")
+@click.option("--cg-tol", type=float, default=None,
+              help="GN with --inner-optimizer cg: relative residual ‖(G+λI)Δ+g‖/‖g‖ to stop "
+                   "at, in (0, 1) [1e-6].")
+@click.option("--cg-max-iter", type=int, default=None,
+              help="GN with --inner-optimizer cg: CG iterations per block at most [100].")
 @click.option("--inner-steps", type=int, default=None,
               help="GN: inner steps per outer step, one micro-batch each [16].")
 @click.option("--inner-lr", type=float, default=None, help="GN: inner learning rate [0.01].")
@@ -226,7 +233,8 @@ def train(optimizer, preset_name, init_path, data_source, seq_len, micro_batch_s
           line_search_range, line_search_batches, no_line_search, damping, schedule,
           warmup_steps, ema_decay, max_steps,
           target_loss, eval_every, eval_batches, checkpoint_every, out, resume, device, dtype,
-          progress, tokenizer=None, text_field=None, precision=None) -> None:
+          progress, tokenizer=None, text_field=None, precision=None, cg_tol=None,
+          cg_max_iter=None) -> None:
     """Train with AdamW, Muon, SOAP or (layerwise) Gauss-Newton, writing checkpoints that the
     analysis commands read."""
     from curvlab.train import TrainConfig
@@ -245,7 +253,7 @@ def train(optimizer, preset_name, init_path, data_source, seq_len, micro_batch_s
         warmup_steps=warmup_steps, ema_decay=ema_decay, max_steps=max_steps,
         target_loss=target_loss, eval_every=eval_every, eval_batches=eval_batches,
         checkpoint_every=checkpoint_every, out=out, resume=resume, device=device, dtype=dtype,
-        precision=precision,
+        precision=precision, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
     )
     config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
     # under torchrun every process trains on its rows of each micro-batch; rank 0 writes

@@ -7,10 +7,20 @@ forward passes counted by wrapping the model's ``forward``.
 
 import pytest
 import torch
+from torch.func import functional_call, jacrev
 
+from curvlab.errors import ConfigError, CurvlabError
+from curvlab.models import ModelConfig
+from curvlab.models.attention import math_attention
 from curvlab.optim import GaussNewton
+from curvlab.train import TrainConfig
 from curvlab.train.gn import PASS_KINDS
-from tests.conftest import LLAMA_TEST, make_batch, make_model
+from tests.cli_helpers import assert_clean_error
+from tests.conftest import make_batch, make_model
+
+# small enough for a dense float64 GGN in a second (about 500 parameters, 12 tokens x 16 logits)
+LLAMA_TEST = ModelConfig("llama", vocab_size=16, seq_len=6, d_model=4, n_layers=2, n_heads=1,
+                         d_ff=8)
 
 
 def _batches(count, seed, ignore=0):
@@ -72,4 +82,230 @@ def test_cost_counters_without_line_search():
     r = opt.step(_batches(2, 0))
     assert r.passes["loss"] == 0 and r.tokens_line_search == 0
     assert r.passes["inner_gradient"] == counter.grad == 2 and counter.no_grad == 0
-    assert r.tokens_solve == 2 * 2 * 8
+    assert r.tokens_solve == 2 * 2 * LLAMA_TEST.seq_len
+
+
+# -- the exact GN step (inner solver cg) against dense float64 oracles -----------------------
+
+def _dense(model, batches):
+    """θ (flat), g and G of ``L = (1/K) Σ_k L_k`` (L_k the mean token cross-entropy of
+    micro-batch k) at the model's parameters: ``g`` by autograd, ``G = (1/K) Σ_k J_kᵀ H_k J_k``
+    with J_k from ``jacrev`` of the logits and ``H_k`` per token ``(diag p − p pᵀ)/N_k``."""
+    named = list(model.named_parameters())
+    shapes = [p.shape for _, p in named]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def unflat(t):
+        out, i = {}, 0
+        for (n, _), s in zip(named, shapes):
+            out[n] = t[i:i + s.numel()].view(s)
+            i += s.numel()
+        return out
+
+    def logits(t, batch):
+        with math_attention():
+            z = functional_call(model, unflat(t), (batch.inputs,), tie_weights=True)
+        return z.reshape(-1, z.shape[-1])
+
+    P = theta.numel()
+    g, G = torch.zeros(P, dtype=theta.dtype), torch.zeros(P, P, dtype=theta.dtype)
+    for batch in batches:
+        y = batch.targets.reshape(-1)
+        keep = y != -100
+        N = int(keep.sum())
+
+        def loss(t, batch=batch, y=y, N=N):
+            return torch.nn.functional.cross_entropy(logits(t, batch), y, ignore_index=-100,
+                                                     reduction="sum") / N
+
+        t = theta.clone().requires_grad_(True)
+        g += torch.autograd.grad(loss(t), t)[0] / len(batches)
+        z = logits(theta, batch).detach()
+        J = jacrev(lambda t, batch=batch: logits(t, batch))(theta)  # [T, V, P]
+        p = torch.softmax(z, -1)
+        H = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / N  # [T, V, V]
+        H = H * keep[:, None, None]
+        HJ = torch.einsum("tvw,twq->tvq", H, J)
+        G += J.reshape(-1, P).T @ HJ.reshape(-1, P) / len(batches)
+    return theta, g, G, [n for n, _ in named]
+
+
+def _flat_params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _block_mask(opt, names, model):
+    """Block id of every coordinate of θ (the GaussNewton object's blocks)."""
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    of = {n: b for b, block in enumerate(opt.blocks) for n in block}
+    return torch.cat([torch.full((sizes[n],), of[n]) for n in names])
+
+
+def _blockdiag(G, ids):
+    return G * (ids[:, None] == ids[None, :])
+
+
+@pytest.mark.parametrize("blocks", [None, "layer"])
+def test_one_cg_step_is_the_dense_damped_gn_step(blocks):
+    model = make_model(LLAMA_TEST)
+    batch = _batches(1, 3, ignore=2)
+    theta, g, G, names = _dense(model, batch)
+    lam = 0.1
+    opt = GaussNewton(model, blocks=blocks, inner="cg", damping=lam, line_search=[1.0],
+                      cg_tol=1e-13, cg_max_iter=3000)
+    if blocks is not None:
+        G = _blockdiag(G, _block_mask(opt, names, model))
+        assert len(opt.blocks) == 4  # embed, two layers, head
+    want = theta - torch.linalg.solve(G + lam * torch.eye(len(g), dtype=g.dtype), g)
+    counter = _ForwardCounter(model)
+    r = opt.step(batch, _batches(1, 20))
+    got = _flat_params(model)
+    assert r.step_size == 1.0 and r.cg_converged
+    assert (got - want).abs().max() <= 1e-9 * max(1.0, want.abs().max())
+    assert r.cg_residual <= 1e-13
+    # the quadratic model's decrease, against the dense model (layerwise: the blocks' decreases
+    # averaged, as for the other inner solvers; with blockdiag G they sum to the merged one's)
+    d = want - theta
+    change = float(g @ d + 0.5 * d @ (G + lam * torch.eye(len(g), dtype=g.dtype)) @ d)
+    assert r.predicted_decrease == pytest.approx(-change / len(opt.blocks), rel=1e-8)
+    assert r.lr == 0.0
+    # products recompute the forward pass (no cached linearization): one forward carrying the
+    # tangent per inner gradient and per product, one without gradients per candidate
+    assert r.passes["inner_gradient"] == 1 and r.passes["linearization"] == 0
+    assert r.passes["ggn_product"] >= r.cg_iterations > 0
+    if blocks is None:
+        assert r.passes["ggn_product"] == r.cg_iterations
+    assert counter.grad == r.passes["inner_gradient"] + r.passes["ggn_product"]
+    assert counter.no_grad == r.passes["loss"] == 1
+
+
+def test_several_micro_batches_solve_with_the_mean_of_their_mean_losses():
+    model = make_model(LLAMA_TEST)
+    inner = _batches(3, 5, ignore=1)  # different token counts: mean of means ≠ token mean
+    theta, g, G, _ = _dense(model, inner)
+    lam = 0.05
+    opt = GaussNewton(model, inner="cg", damping=lam, line_search=False, cg_tol=1e-13,
+                      cg_max_iter=3000)
+    r = opt.step(inner)
+    want = theta - torch.linalg.solve(G + lam * torch.eye(len(g), dtype=g.dtype), g)
+    assert (_flat_params(model) - want).abs().max() <= 1e-9 * max(1.0, want.abs().max())
+    losses = [float(torch.nn.functional.cross_entropy(
+        model_logits, b.targets.reshape(-1), ignore_index=-100))
+        for b, model_logits in [(b, _logits_at(model, theta, b)) for b in inner]]
+    assert r.loss == pytest.approx(sum(losses) / 3, rel=1e-12)
+    assert r.passes["inner_gradient"] == 3 and r.passes["linearization"] == 0
+    assert r.passes["ggn_product"] == 3 * r.cg_iterations  # every product sums 3 micro-batches
+
+
+def _logits_at(model, theta, batch):
+    named = list(model.named_parameters())
+    out, i = {}, 0
+    for n, p in named:
+        out[n] = theta[i:i + p.numel()].view(p.shape)
+        i += p.numel()
+    with math_attention():
+        z = functional_call(model, out, (batch.inputs,), tie_weights=True)
+    return z.reshape(-1, z.shape[-1])
+
+
+def _dense_cg(A, b, x0, iterations):
+    """Plain CG on a dense matrix, ``iterations`` steps from ``x0``."""
+    x = x0.clone()
+    r = b - A @ x
+    p = r.clone()
+    for _ in range(iterations):
+        Ap = A @ p
+        alpha = (r @ r) / (p @ Ap)
+        x = x + alpha * p
+        r_new = r - alpha * Ap
+        p = r_new + (r_new @ r_new) / (r @ r) * p
+        r = r_new
+    return x
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_warm_start_is_the_previous_solution(warm):
+    """Two steps of 4 CG iterations each (not converged, so the start matters), step 0.5: the
+    second solve starts from the first step's Δ (warm) or from 0."""
+    model = make_model(LLAMA_TEST)
+    lam, its = 0.1, 4
+    opt = GaussNewton(model, inner="cg", damping=lam, line_search=[0.5], cg_tol=1e-14,
+                      cg_max_iter=its, warm_start=warm)
+    first, second = _batches(1, 30), _batches(1, 40)
+    theta, g, G, _ = _dense(model, first)
+    eye = torch.eye(len(g), dtype=g.dtype)
+    d1 = _dense_cg(G + lam * eye, -g, torch.zeros_like(g), its)
+    r1 = opt.step(first, _batches(1, 50))
+    assert r1.step_size == 0.5 and not r1.cg_converged and r1.cg_iterations == its
+    assert (_flat_params(model) - (theta + 0.5 * d1)).abs().max() <= 1e-9
+    theta2, g2, G2, _ = _dense(model, second)
+    d2 = _dense_cg(G2 + lam * eye, -g2, d1 if warm else torch.zeros_like(g2), its)
+    r2 = opt.step(second, _batches(1, 60))
+    assert (_flat_params(model) - (theta2 + 0.5 * d2)).abs().max() <= 1e-9
+    assert r2.passes["ggn_product"] == its + (1 if warm else 0)  # x0 costs one product
+    assert (opt.cg_delta is not None) == warm
+
+
+def test_warm_start_survives_state_dict():
+    model = make_model(LLAMA_TEST)
+    kw = dict(inner="cg", damping=0.1, line_search=[0.5], cg_max_iter=3)
+    opt = GaussNewton(model, **kw)
+    opt.step(_batches(1, 0), _batches(1, 1))
+    state = opt.state_dict()
+    clone = make_model(LLAMA_TEST)
+    clone.load_state_dict(model.state_dict())
+    resumed = GaussNewton(clone, **kw)
+    resumed.load_state_dict(state)
+    a = opt.step(_batches(1, 2), _batches(1, 3))
+    b = resumed.step(_batches(1, 2), _batches(1, 3))
+    assert a.passes == b.passes
+    assert torch.equal(_flat_params(model), _flat_params(clone))
+    with pytest.raises(CurvlabError, match="another inner solver"):
+        GaussNewton(make_model(LLAMA_TEST), inner="adamw").load_state_dict(state)
+
+
+def test_singular_ggn_without_damping_stops_at_the_iteration_limit():
+    """λ = 0: G has rank ≤ N (V − 1) < P. CG stops at cg_max_iter; the step is finite and
+    reports the true relative residual."""
+    model = make_model(LLAMA_TEST)
+    batch = _batches(1, 7)
+    theta, g, G, _ = _dense(model, batch)
+    assert int(torch.linalg.matrix_rank(G)) < len(g)
+    opt = GaussNewton(model, inner="cg", damping=0.0, line_search=False, cg_tol=1e-15,
+                      cg_max_iter=6)
+    r = opt.step(batch)
+    after = _flat_params(model)
+    assert torch.isfinite(after).all()
+    assert r.cg_iterations == 6 and r.cg_converged is False
+    d = after - theta
+    true_residual = float((G @ d + g).norm() / g.norm())
+    assert 1e-15 < r.cg_residual and r.cg_residual == pytest.approx(true_residual, rel=1e-6)
+
+
+def test_cg_refusals():
+    model = make_model(LLAMA_TEST)
+    with pytest.raises(ConfigError, match="not quadratic"):
+        GaussNewton(model, mode="prox", inner="cg")
+    for bad in (0.0, -1e-3, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="cg-tol"):
+            GaussNewton(model, inner="cg", cg_tol=bad)
+    for bad in (0, -2, 2.5):
+        with pytest.raises(ConfigError, match="cg-max-iter"):
+            GaussNewton(model, inner="cg", cg_max_iter=bad)
+    with pytest.raises(ConfigError, match="not quadratic"):
+        TrainConfig(optimizer="layerwise-gn-prox", inner_optimizer="cg")
+    with pytest.raises(ConfigError, match="cg-tol"):
+        TrainConfig(optimizer="gn", inner_optimizer="cg", cg_tol=2.0)
+    with pytest.raises(ConfigError, match="cg-max-iter"):
+        TrainConfig(optimizer="gn", inner_optimizer="cg", cg_max_iter=0)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--optimizer", "gn-prox", "--inner-optimizer", "cg"], "not quadratic"),
+    (["--optimizer", "gn", "--inner-optimizer", "cg", "--cg-tol", "0"], "cg-tol"),
+    (["--optimizer", "gn", "--inner-optimizer", "cg", "--cg-max-iter", "0"], "cg-max-iter"),
+])
+def test_cli_refuses_in_one_line(tmp_path, capsys, args, message):
+    err = assert_clean_error(capsys, "train", *args, "--out", tmp_path / "run", match=message)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:")
+    assert not (tmp_path / "run").exists()

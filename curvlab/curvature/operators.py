@@ -49,6 +49,9 @@ from curvlab.data.batches import Batch
 from curvlab.errors import ConfigError, CurvlabError
 from curvlab.models.attention import math_attention
 
+# how the losses of several batches combine: ``tokens``, the mean over all their tokens;
+# ``batches``, the mean over the batches of each batch's mean token loss
+NORMALIZATIONS = ("tokens", "batches")
 # On CPU, vmapped products beat a loop only when each product is too small to keep the cores
 # busy (measured: 3.3M parameters: vmap 1.8x slower; 133k: 1.3x slower; 1.6k: 10x faster).
 VMAP_CPU_MAX_PARAMS = 20_000
@@ -103,14 +106,18 @@ class _Engine:
         chunk_tokens: int,
         mc_samples: int = 1,
         seed: int = 0,
-        logits_fn: LogitsFn | None = None,
+        logits_fn: LogitsFn | Sequence[LogitsFn | None] | None = None,
         cache_fraction: float = 0.5,
         precision: str = "fp32",
         compile: bool | str = False,
+        normalization: str = "tokens",
     ) -> None:
         self.model = model
         self.kind = kind
-        self.logits_fn = logits_fn or default_logits_fn
+        if normalization not in NORMALIZATIONS:
+            raise ConfigError(f"unknown normalization {normalization!r}; expected one of "
+                              f"{', '.join(NORMALIZATIONS)}")
+        self.normalization = normalization
         self.params = model_params(model, dtype, device)
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
@@ -122,11 +129,24 @@ class _Engine:
         self.num_params = sum(p.numel() for p in self.params.values())
         self.ignore_index = ignore_index
         self.batches = [b.to(self.device) for b in _as_batches(batches)]
+        fns = (list(logits_fn) if isinstance(logits_fn, (list, tuple))
+               else [logits_fn] * len(self.batches))
+        if len(fns) != len(self.batches):
+            raise ConfigError(f"{len(fns)} logits functions for {len(self.batches)} batches")
+        self.logits_fns = [fn or default_logits_fn for fn in fns]
         counts = [int((b.targets != ignore_index).sum()) for b in self.batches]
         # under torchrun the batches are this rank's shard; the loss is the mean over all ranks'
-        self.num_tokens = int(distributed.sum_scalars(sum(counts))[0])
+        counts = [int(round(c)) for c in distributed.sum_scalars(*counts)]
+        self.num_tokens = sum(counts)
         if self.num_tokens == 0:
             raise CurvlabError("the batches have no target tokens that are not ignored")
+        if normalization == "batches":
+            if not all(counts):
+                raise CurvlabError("a batch has no target tokens that are not ignored")
+            # the mean over batches of each batch's mean: batch k's tokens weigh 1/(K N_k)
+            self.scales = [1.0 / (len(counts) * c) for c in counts]
+        else:
+            self.scales = [1.0 / self.num_tokens] * len(counts)
         for name, p in self.params.items():
             if not torch.isfinite(p).all():
                 raise CurvlabError(f"parameter {name} holds NaN or Inf values")
@@ -137,7 +157,6 @@ class _Engine:
             if top >= vocab:
                 raise CurvlabError(f"token id {top} >= vocabulary size {vocab} of the model's "
                                    "input embedding")
-        self.scale = 1.0 / self.num_tokens
         self.generator = torch.Generator().manual_seed(seed)
         self.mc_samples = mc_samples
         self.chunk_tokens = chunk_tokens
@@ -147,11 +166,13 @@ class _Engine:
         self._cache_fraction = cache_fraction
 
     # -- the model as a function of the active parameters -----------------------------------
-    def _fn(self, batch: Batch):
+    def _fn(self, i: int):
+        """Flat logits of batch ``i`` as a function of the active parameters."""
         frozen = {k: v for k, v in self.params.items() if k not in self.names}
+        batch, fn = self.batches[i], self.logits_fns[i]
 
         def logits(active: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            out = self.logits_fn(self.model, {**frozen, **active}, batch.inputs)
+            out = fn(self.model, {**frozen, **active}, batch.inputs)
             return out.reshape(-1, out.shape[-1])
 
         return logits
@@ -176,10 +197,9 @@ class _Engine:
             total += t.numel() * t.element_size()
             return t
 
-        batch = self.batches[0]
         active = {k: v.detach().requires_grad_(True) for k, v in self.active().items()}
         with self._context(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            self._fn(batch)(active)
+            self._fn(0)(active)
         factor = 4 if self.kind == "hessian" else 2  # forward-over-reverse keeps more
         return factor * total * len(self.batches)
 
@@ -209,9 +229,9 @@ class _Engine:
         self.cached = bool(want)
         states = []
         with self._context():
-            for batch in self.batches:
-                fn = self._fn(batch)
-                state: dict[str, Any] = {"fn": fn, "batch": batch}
+            for i, batch in enumerate(self.batches):
+                fn = self._fn(i)
+                state: dict[str, Any] = {"fn": fn, "batch": batch, "scale": self.scales[i]}
                 targets = batch.targets.reshape(-1)
                 if self.kind == "hessian" and self.cached:
                     with warnings.catch_warnings():
@@ -225,7 +245,8 @@ class _Engine:
                             z, state["jvp"] = _linearize(fn, self.active())
                         self._check_targets(z, targets)
                         _, state["vjp"] = vjp(fn, self.active())
-                        state["M"] = self._logit_curvature(z, targets, batch.token_range)
+                        state["M"] = self._logit_curvature(z, targets, batch.token_range,
+                                                           state["scale"])
                         state["z_dtype"] = z.dtype  # bf16: the VJP takes a bf16 cotangent
                     else:
                         state["M"] = None  # built from the first product's forward pass
@@ -258,10 +279,10 @@ class _Engine:
                                f"{z.shape[-1]} logits")
 
     def _logit_curvature(self, z: torch.Tensor, targets: torch.Tensor,
-                         token_range: tuple[int, int] | None = None) -> LogitCurvature:
+                         token_range: tuple[int, int] | None, scale: float) -> LogitCurvature:
         self._check_targets(z, targets)
         return LogitCurvature(
-            z.detach().to(self.dtype), targets, kind=self.kind, scale=self.scale,
+            z.detach().to(self.dtype), targets, kind=self.kind, scale=scale,
             ignore_index=self.ignore_index, mc_samples=self.mc_samples,
             generator=self.generator, chunk_tokens=self.chunk_tokens, token_range=token_range,
         )
@@ -277,7 +298,7 @@ class _Engine:
                                                                           self.device):
                     z = state["fn"](self.active())
                 state["M"] = self._logit_curvature(z, state["batch"].targets.reshape(-1),
-                                                   state["batch"].token_range)
+                                                   state["batch"].token_range, state["scale"])
 
     # -- products -------------------------------------------------------------------------
     def _loss_fn(self, state: dict[str, Any]):
@@ -287,7 +308,7 @@ class _Engine:
             ce = torch.nn.functional.cross_entropy(  # bf16 logits: the loss in self.dtype
                 fn(active).to(self.dtype), targets, ignore_index=self.ignore_index,
                 reduction="sum")
-            return ce * self.scale
+            return ce * state["scale"]
 
         return loss
 
@@ -316,7 +337,7 @@ class _Engine:
         _, vjp_fn, (z, jz) = vjp(with_tangent, self.active(), has_aux=True)
         if state["M"] is None:
             state["M"] = self._logit_curvature(z, state["batch"].targets.reshape(-1),
-                                               state["batch"].token_range)
+                                               state["batch"].token_range, state["scale"])
         return vjp_fn(state["M"](jz).to(jz.dtype))[0]
 
     def product(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -585,13 +606,18 @@ def ggn(
     ignore_index: int = -100,
     cache: bool | str = "auto",
     chunk_tokens: int = 4096,
-    logits_fn: LogitsFn | None = None,
+    logits_fn: LogitsFn | Sequence[LogitsFn | None] | None = None,
     precision: str = "fp32",
     compile: bool | str = False,
+    normalization: str = "tokens",
 ) -> CurvatureOperator:
     """Generalized Gauss-Newton ``G = Jᵀ H_z J`` of the mean token cross-entropy.
 
     ``H_z`` is per token ``(diag(p) − p pᵀ)/N`` (N = non-ignored tokens of all ``batches``);
+    with ``normalization="batches"`` the loss is instead the mean over the ``K`` batches of each
+    batch's mean token cross-entropy, ``(1/K) Σ_k L_k``, and batch ``k``'s tokens weigh
+    ``1/(K N_k)`` (the two agree when every batch has the same token count). ``logits_fn``: one
+    for all batches or one per batch (None: the model's forward).
     J the Jacobian of the logits w.r.t. the partition's coordinates (``blocks``: a
     :class:`Partition`, a preset name or globs; default the layer partition). ``cache``:
     ``"auto"`` caches the linearization when it fits in half the free memory, else recomputes
@@ -602,7 +628,8 @@ def ggn(
     """
     return _make("ggn", model, batches, blocks, dtype=dtype, device=device,
                  ignore_index=ignore_index, cache=cache, chunk_tokens=chunk_tokens,
-                 logits_fn=logits_fn, precision=precision, compile=compile)
+                 logits_fn=logits_fn, precision=precision, compile=compile,
+                 normalization=normalization)
 
 
 def hessian(

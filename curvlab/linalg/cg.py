@@ -26,12 +26,20 @@ class CGResult:
         updated residual (equal to ``‖b − (A + λI) x‖`` up to rounding).
     iterations: CG steps (one operator product each, a block product for ``(n, k)``).
     converged: bool tensor like ``residual_norm``: ``‖r‖ <= tol · ‖b‖``.
+    residual: the recursively updated residual ``r ≈ b − (A + λI) x``, shape of ``x``.
+    breakdown: bool tensor like ``residual_norm``: the column stopped at a search direction with
+        ``pᵀ (A + λI) p <= 0`` (only with ``on_breakdown="stop"``; its ``x`` is the iterate
+        before that direction).
+    products: operator products run (``iterations``, plus one for ``x0``).
     """
 
     x: torch.Tensor
     residual_norm: torch.Tensor
     iterations: int
     converged: torch.Tensor
+    residual: torch.Tensor | None = None
+    breakdown: torch.Tensor | None = None
+    products: int = 0
 
 
 def cg(
@@ -42,6 +50,7 @@ def cg(
     tol: float = 1e-6,
     max_iter: int | None = None,
     x0: torch.Tensor | None = None,
+    on_breakdown: str = "raise",
 ) -> CGResult:
     """Solve ``(op + damping · I) x = b`` by conjugate gradients.
 
@@ -51,9 +60,14 @@ def cg(
     of ``b``) is the initial guess, costing one more product. One host synchronization per
     step (the convergence and definiteness tests).
 
-    Raises :class:`NotPositiveDefiniteError` (a ``ValueError``) when a search direction ``p``
-    has ``pᵀ (A + λI) p <= 0``, and ``ValueError`` when the operator returns NaN/Inf.
+    A search direction ``p`` with ``pᵀ (A + λI) p <= 0`` (an indefinite operator, or a singular
+    one at ``λ = 0`` once the residual has left its range by rounding) raises
+    :class:`NotPositiveDefiniteError` (a ``ValueError``) with ``on_breakdown="raise"``; with
+    ``"stop"`` that column stops there, keeping its current iterate and residual, flagged in
+    ``breakdown``. ``ValueError`` when the operator returns NaN/Inf.
     """
+    if on_breakdown not in ("raise", "stop"):
+        raise ValueError(f"on_breakdown must be 'raise' or 'stop', got {on_breakdown!r}")
     op = as_operator(op)
     n = op.shape[0]
     if b.ndim not in (1, 2) or b.shape[0] != n:
@@ -67,25 +81,34 @@ def cg(
     def apply(V: torch.Tensor) -> torch.Tensor:
         return matmat(op, V) + damping * V if damping else matmat(op, V)
 
+    products = 0
     if x0 is None:
         X, R = torch.zeros_like(B), B.clone()
     else:
         X = x0.to(dtype=op.dtype, device=op.device).reshape(n, -1).clone()
         R = B - apply(X)
+        products += 1
     P = R.clone()
     rr = (R * R).sum(0, dtype=torch.float64)
     target = tol * (B * B).sum(0, dtype=torch.float64).sqrt()
     active = rr.sqrt() > target
+    broken = torch.zeros_like(active)
     it = 0
     while it < max_iter and bool(active.any()):
         AP = apply(P)
+        products += 1
         pAp = (P * AP).sum(0, dtype=torch.float64)
         if not bool(torch.isfinite(pAp).all()):
             raise ValueError(f"operator returned non-finite values at iteration {it + 1}")
-        if bool((pAp[active] <= 0).any()):
-            raise NotPositiveDefiniteError(
-                "operator is not positive definite along a search direction; add damping"
-            )
+        bad = active & (pAp <= 0)
+        if bool(bad.any()):
+            if on_breakdown == "raise":
+                raise NotPositiveDefiniteError(
+                    "operator is not positive definite along a search direction; add damping"
+                )
+            broken, active = broken | bad, active & ~bad
+            if not bool(active.any()):
+                break
         alpha = torch.where(active, rr / torch.where(active, pAp, 1.0), 0.0).to(op.dtype)
         X = X + alpha * P
         R = R - alpha * AP
@@ -97,6 +120,7 @@ def cg(
         it += 1
     res = rr.sqrt().cpu()
     converged = res <= target.cpu()
+    broken = broken.cpu()
     if vector:
-        X, res, converged = X[:, 0], res[0], converged[0]
-    return CGResult(X, res, it, converged)
+        X, R, res, converged, broken = X[:, 0], R[:, 0], res[0], converged[0], broken[0]
+    return CGResult(X, res, it, converged, R, broken, products)

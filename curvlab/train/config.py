@@ -25,8 +25,29 @@ RESUMABLE_CHANGES = ("max_steps", "target_loss", "eval_every", "eval_batches",
                      "checkpoint_every", "out", "resume", "device", "init")
 
 
+# the GN inner solvers: the first-order optimizers, or "cg", the exact GN step by conjugate
+# gradients on GGN products (curvlab.train.gn.cg_direction)
+INNER_SOLVERS = INNER_OPTIMIZERS + ("cg",)
+
+
 class TrainingDivergedError(CurvlabError):
     """The loss or the parameters became NaN or Inf."""
+
+
+def check_cg(inner: Any, mode: str, tol: float, max_iter: int) -> None:
+    """Refuse, in one line, a cg inner solve that cannot run: GN-prox (its inner problem is the
+    cross-entropy of the linearized logits, not a quadratic), ``tol`` outside ``(0, 1)``,
+    ``max_iter`` < 1. The tolerances are checked whatever the solver, so that a bad value is
+    never silently ignored."""
+    if inner == "cg" and mode == "prox":
+        raise ConfigError("inner solver cg needs the quadratic GN model; GN-prox's inner problem "
+                          "(the cross-entropy of the linearized logits) is not quadratic: use "
+                          "gn / layerwise-gn or a first-order inner optimizer")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (
+            math.isfinite(tol) and 0 < tol < 1):
+        raise ConfigError(f"cg-tol must be a relative residual in (0, 1), got {tol}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ConfigError(f"cg-max-iter must be an integer >= 1, got {max_iter}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,8 @@ class TrainConfig:
     inner_optimizer: str = "muon-adamw"
     inner_steps: int = 16
     inner_lr: float = 0.01
+    cg_tol: float = 1e-6
+    cg_max_iter: int = 100
     warm_start: bool = True
     use_line_search: bool = True
     line_search: tuple[float, ...] | None = None
@@ -111,9 +134,11 @@ class TrainConfig:
 
         check(self.optimizer in OPTIMIZERS,
               f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-        check(self.inner_optimizer in INNER_OPTIMIZERS,
+        check(self.inner_optimizer in INNER_SOLVERS,
               f"unknown inner optimizer {self.inner_optimizer!r}; valid: "
-              f"{', '.join(INNER_OPTIMIZERS)}")
+              f"{', '.join(INNER_SOLVERS)}")
+        check_cg(self.inner_optimizer, self.mode if self.is_gn else "gn", self.cg_tol,
+                 self.cg_max_iter)
         check(self.preset is None or self.preset in PRESETS,
               f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         check(self.schedule in SCHEDULES,
@@ -201,7 +226,12 @@ class TrainConfig:
         """The hyper-parameters of the chosen optimizer (stored in checkpoints)."""
         shared = ["betas", "eps", "weight_decay", "grad_clip", "schedule", "warmup_steps",
                   "final_lr_frac", "ema_decay", "max_steps", "micro_batch_size"]
-        if self.is_gn:
+        if self.is_gn and self.inner_optimizer == "cg":  # no lr, schedule or moments apply
+            keys = ["inner_optimizer", "inner_steps", "cg_tol", "cg_max_iter", "warm_start",
+                    "use_line_search", "line_search", "line_search_range",
+                    "line_search_batches", "damping"]
+            shared = ["max_steps", "micro_batch_size", "ema_decay"]
+        elif self.is_gn:
             keys = ["inner_optimizer", "inner_steps", "inner_lr", "warm_start",
                     "use_line_search", "line_search", "line_search_range",
                     "line_search_batches", "damping"]

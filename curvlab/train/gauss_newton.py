@@ -51,10 +51,10 @@ from curvlab.curvature.model_fn import LogitsFn, default_logits_fn, extract_logi
 from curvlab.curvature.precision import check_precision
 from curvlab.data.batches import Batch
 from curvlab.errors import ConfigError, CurvlabError
-from curvlab.train.config import TrainConfig, TrainingDivergedError
-from curvlab.train.gn import MODES, count_passes, solve_direction, token_counts
+from curvlab.train.config import INNER_SOLVERS, TrainConfig, TrainingDivergedError, check_cg
+from curvlab.train.gn import MODES, cg_direction, count_passes, solve_direction, token_counts
 from curvlab.train.line_search import line_search, reference_grid
-from curvlab.train.optimizers import INNER_OPTIMIZERS, build_optimizer, hidden_matrices
+from curvlab.train.optimizers import build_optimizer, hidden_matrices
 from curvlab.train.schedules import SCHEDULES, lr_factor
 
 BatchLike = Batch | tuple | Mapping[str, torch.Tensor]
@@ -238,7 +238,15 @@ class GaussNewton:
     rest), ``"adamw"``, ``"sgd"`` (heavy ball), or a callable ``params -> torch.optim.Optimizer``
     given the list of inner variables (one tensor per trainable parameter, in
     ``named_parameters()`` order). The learning rate of every parameter group is set to
-    ``inner_lr × schedule`` before every inner step.
+    ``inner_lr × schedule`` before every inner step. ``"cg"``: the exact GN step instead, ``(G
+    + λI) Δ = −g`` solved by conjugate gradients on exact GGN products to the relative residual
+    ``cg_tol`` (at most ``cg_max_iter`` iterations per block), with ``G`` and ``g`` of the mean
+    over the inner micro-batches of their mean token cross-entropies, the objective the step
+    reports and the line search scores (:func:`curvlab.train.gn.cg_direction`); every block
+    solves its own diagonal block, then one line search on the merged step. No learning rate,
+    schedule, weight decay, momentum or clipping applies to it (``GNStep.lr`` is 0). Its warm
+    start is the previous step's solution ``Δ_{t−1}`` as ``x0`` (``warm_start=False``: ``x0 =
+    0``); ``mode="prox"`` refuses it (the prox-linear inner problem is not quadratic).
     schedule: ``"constant"`` (default here), ``"cosine"`` (one global cosine over all
     ``total_steps × inner steps`` inner steps; ``curvlab train``'s default) or
     ``"constant+inner-cosine"``; see :mod:`curvlab.train.schedules`.
@@ -265,12 +273,14 @@ class GaussNewton:
         warm_start: bool = True, schedule: str = "constant", total_steps: int | None = None,
         warmup_steps: int = 0, final_lr_frac: float = 0.0,
         logits_fn: LogitsFn | None = None, ignore_index: int = -100, precision: str = "fp32",
+        cg_tol: float = 1e-6, cg_max_iter: int = 100,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"unknown GN mode {mode!r}; expected one of {', '.join(MODES)}")
-        if isinstance(inner, str) and inner not in INNER_OPTIMIZERS:
+        if isinstance(inner, str) and inner not in INNER_SOLVERS:
             raise ConfigError(f"unknown inner optimizer {inner!r}; valid: "
-                              f"{', '.join(INNER_OPTIMIZERS)}, or a callable")
+                              f"{', '.join(INNER_SOLVERS)}, or a callable")
+        check_cg(inner, mode, cg_tol, cg_max_iter)
         if schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
         if schedule == "cosine" and not total_steps:
@@ -312,7 +322,11 @@ class GaussNewton:
         self.logits_fn, self.ignore_index = logits_fn, ignore_index
         self.precision = check_precision(precision, next(model.parameters()).dtype)
         self.steps = 0
-        self.point: Tensors = {n: model.get_parameter(n).detach().clone() for n in self.names}
+        self.cg_tol, self.cg_max_iter = float(cg_tol), int(cg_max_iter)
+        # the inner variables θ' of the first-order inner solvers; cg keeps its last Δ instead
+        self.point: Tensors = ({} if inner == "cg" else
+                               {n: model.get_parameter(n).detach().clone() for n in self.names})
+        self.cg_delta: Tensors | None = None
         self.optimizer = self._new_optimizer()
 
     @classmethod
@@ -325,7 +339,7 @@ class GaussNewton:
                    line_search=(cfg.line_search_grid if cfg.use_line_search else False),
                    warm_start=cfg.warm_start, schedule=cfg.schedule, total_steps=cfg.max_steps,
                    warmup_steps=cfg.warmup_steps, final_lr_frac=cfg.final_lr_frac,
-                   precision=cfg.precision)
+                   precision=cfg.precision, cg_tol=cfg.cg_tol, cg_max_iter=cfg.cg_max_iter)
 
     @staticmethod
     def _blocks(model: nn.Module, spec: Any, trainable: list[str]) -> list[list[str]]:
@@ -349,7 +363,9 @@ class GaussNewton:
             raise ConfigError("no block holds a trainable parameter")
         return out
 
-    def _new_optimizer(self) -> torch.optim.Optimizer:
+    def _new_optimizer(self) -> torch.optim.Optimizer | None:
+        if self.inner == "cg":
+            return None
         if callable(self.inner):
             opt = self.inner([self.point[n] for n in self.names])
             if not isinstance(opt, torch.optim.Optimizer):
@@ -417,13 +433,20 @@ class GaussNewton:
         theta = {k: p.detach() for k, p in params.items()}  # θ_t (shared storage)
         if not self.warm_start:
             self._reset()
+        fns = [_with_mask(self.logits_fn, i.attention_mask) for i in inner]
         try:
-            d = solve_direction(
-                self.model, theta, self.point, self.optimizer, [i.batch for i in inner],
-                self.blocks, mode=self.mode, damping=self.damping, clip=self.grad_clip,
-                lr=lambda k: self.lr(t, k, n), ignore_index=self.ignore_index,
-                logits_fns=[_with_mask(self.logits_fn, i.attention_mask) for i in inner],
-                precision=self.precision)
+            if self.inner == "cg":
+                d = cg_direction(
+                    self.model, theta, [i.batch for i in inner], self.blocks,
+                    damping=self.damping, tol=self.cg_tol, max_iter=self.cg_max_iter,
+                    x0=self.cg_delta, ignore_index=self.ignore_index, logits_fns=fns,
+                    precision=self.precision)
+            else:
+                d = solve_direction(
+                    self.model, theta, self.point, self.optimizer, [i.batch for i in inner],
+                    self.blocks, mode=self.mode, damping=self.damping, clip=self.grad_clip,
+                    lr=lambda k: self.lr(t, k, n), ignore_index=self.ignore_index,
+                    logits_fns=fns, precision=self.precision)
         except TrainingDivergedError:
             self._reset()
             raise
@@ -453,28 +476,39 @@ class GaussNewton:
         with torch.no_grad():
             for k in self.names:
                 params[k].add_(d.delta[k], alpha=alpha)
-        # warm start as the reference: the inner variables θ' stay where the solve left them
+        # warm start as the reference: the inner variables θ' stay where the solve left them;
+        # cg starts its next solve from this step's Δ
+        if self.inner == "cg" and self.warm_start:
+            self.cg_delta = {k: d.delta[k].detach().clone() for k in self.names}
         self.steps += 1
         passes = dict(d.passes)
         passes["loss"] = passes.get("loss", 0) + len(steps) * len(scored)
         return GNStep(t, d.loss, alpha, tuple(steps), tuple(losses), d.decrease,
-                      d.inner_losses, d.inner_model_losses, self.lr(t, 0, n),
+                      d.inner_losses, d.inner_model_losses,
+                      0.0 if self.inner == "cg" else self.lr(t, 0, n),
                       tokens_solve=sum(counts[:n]),
                       tokens_line_search=sum(counts[n:]) if steps else 0,
-                      passes=count_passes(**passes))
+                      passes=count_passes(**passes), cg_iterations=d.cg_iterations,
+                      cg_residual=d.cg_residual, cg_converged=d.cg_converged)
 
     def _reset(self) -> None:
-        """Inner variables back to the model's parameters, fresh inner optimizer state."""
+        """Inner variables back to the model's parameters, fresh inner optimizer state (cg:
+        the next solve from ``x0 = 0``)."""
         with torch.no_grad():
             for k, p in self.point.items():
                 p.copy_(self.model.get_parameter(k))
         self.optimizer = self._new_optimizer()
+        self.cg_delta = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The warm-start point ``θ'``, the inner optimizer's state and the outer step count:
-        with the model's own ``state_dict`` everything a resumed run needs."""
+        """The warm-start point ``θ'``, the inner optimizer's state (None for cg), cg's warm
+        start ``cg_delta`` (the last Δ, or None) and the outer step count: with the model's
+        own ``state_dict`` everything a resumed run needs."""
         return {"point": {k: v.detach().clone() for k, v in self.point.items()},
-                "optimizer": self.optimizer.state_dict(), "steps": self.steps}
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+                "steps": self.steps,
+                "cg_delta": (None if self.cg_delta is None else
+                             {k: v.detach().clone() for k, v in self.cg_delta.items()})}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         try:
@@ -482,6 +516,10 @@ class GaussNewton:
         except (KeyError, TypeError, ValueError):
             raise CurvlabError("not a GaussNewton state_dict (needs point, optimizer, steps)"
                                ) from None
+        if (opt is None) != (self.optimizer is None):
+            raise CurvlabError("GaussNewton state_dict is of another inner solver ("
+                               f"{'cg' if opt is None else 'an optimizer'}), this one uses "
+                               f"{'cg' if self.optimizer is None else 'an optimizer'}")
         missing = sorted(set(self.point) - set(point))
         if missing:
             raise CurvlabError(f"GaussNewton state_dict lacks the inner variable {missing[0]}")
@@ -491,5 +529,20 @@ class GaussNewton:
                     raise CurvlabError(f"GaussNewton state_dict: {k} has shape "
                                        f"{tuple(point[k].shape)}, the model {tuple(p.shape)}")
                 p.copy_(point[k])
-        self.optimizer.load_state_dict(opt)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(opt)
+        delta = state.get("cg_delta")
+        if delta is not None:
+            missing = sorted(set(self.names) - set(delta))
+            if missing:
+                raise CurvlabError(f"GaussNewton state_dict: cg_delta lacks {missing[0]}")
+            for k in self.names:
+                if tuple(delta[k].shape) != tuple(self.model.get_parameter(k).shape):
+                    raise CurvlabError(f"GaussNewton state_dict: cg_delta {k} has shape "
+                                       f"{tuple(delta[k].shape)}")
+            device = next(self.model.parameters()).device
+            dtype = next(self.model.parameters()).dtype
+            delta = {k: delta[k].detach().to(device=device, dtype=dtype).clone()
+                     for k in self.names}
+        self.cg_delta = delta
         self.steps = steps

@@ -33,12 +33,16 @@ from torch import nn
 from torch.func import jvp, vjp
 
 from curvlab import distributed
+from curvlab.curvature.blocks import Block, Part, Partition
 from curvlab.curvature.logit_space import LogitCurvature, logit_gradient
 from curvlab.curvature.model_fn import LogitsFn, default_logits_fn
+from curvlab.curvature.operators import ggn
 from curvlab.curvature.precision import check_precision, precision_context
 from curvlab.data.batches import Batch
 from curvlab.errors import CurvlabError
+from curvlab.linalg.cg import cg
 from curvlab.models.attention import math_attention
+from curvlab.train.config import TrainingDivergedError
 
 MODES = ("gn", "prox")
 Tensors = dict[str, torch.Tensor]
@@ -169,6 +173,8 @@ class Direction:
     inner_losses: ``L(θ_t)`` per inner micro-batch; inner_model_losses: ``m(Δ)`` at each inner
     step of the first block (at the Δ its gradient was taken at).
     passes: what the solve ran, per micro-batch (:data:`PASS_KINDS`).
+    cg_iterations / cg_residual / cg_converged (:func:`cg_direction` only): the largest CG
+    iteration count and relative residual over the blocks, and whether every block converged.
     """
 
     delta: Tensors
@@ -177,6 +183,9 @@ class Direction:
     inner_losses: tuple[float, ...] = ()
     inner_model_losses: tuple[float, ...] = ()
     passes: Mapping[str, int] = field(default_factory=dict)
+    cg_iterations: int | None = None
+    cg_residual: float | None = None
+    cg_converged: bool | None = None
 
 
 # what one step ran, counted per micro-batch (GNStep.passes): a forward-only loss, a
@@ -243,3 +252,86 @@ def solve_direction(
     return Direction(delta, sum(losses) / len(losses), sum(decreases) / len(decreases),
                      tuple(losses), tuple(model_losses),
                      count_passes(inner_gradient=len(blocks) * len(batches)))
+
+
+def cg_direction(
+    model: nn.Module, theta: Mapping[str, torch.Tensor], batches: Sequence[Batch],
+    blocks: Sequence[Sequence[str]], *, damping: float = 0.0, tol: float = 1e-6,
+    max_iter: int = 100, x0: Mapping[str, torch.Tensor] | None = None, ignore_index: int = -100,
+    logits_fns: Sequence[LogitsFn | None] | None = None, precision: str = "fp32",
+    cache: bool | str = False,
+) -> Direction:
+    """The exact GN direction: ``(G + λI) Δ = −g`` solved by conjugate gradients
+    (:func:`curvlab.linalg.cg`) on exact GGN products, per block.
+
+    The objective is that of the outer step, the mean over the ``K`` micro-batches of each
+    micro-batch's mean token cross-entropy, ``L(θ) = (1/K) Σ_k L_k(θ)`` (the loss the step
+    reports and the line search scores): ``g = (1/K) Σ_k ∇L_k(θ_t)`` and ``G = (1/K) Σ_k
+    J_kᵀ H_k J_k`` with ``H_k`` per token ``(diag p − p pᵀ)/N_k`` (so micro-batch ``k``'s tokens
+    weigh ``1/(K N_k)``; :func:`curvlab.ggn` with ``normalization="batches"``). Δ minimizes the
+    quadratic model ``m(Δ) = L(θ_t) + gᵀΔ + ½ Δᵀ(G + λI)Δ``, the average of the inner losses
+    ``m`` of the module docstring over the micro-batches. ``g`` and ``L_k(θ_t)`` come from one
+    :func:`inner_gradient` at ``Δ = 0`` per micro-batch (all blocks at once); ``G`` from one
+    linearization of the logits per micro-batch (cached when it fits, ``cache`` as for
+    :func:`curvlab.ggn`), shared by the blocks, each product the sum over the micro-batches.
+
+    Every block ``b`` (one block of every parameter: full GN; the layer partition: layerwise
+    GN) solves its own diagonal block, ``(G_bb + λI) Δ_b = −g_b``, the others frozen at θ_t,
+    from ``x0`` (per parameter; None: 0) to the relative residual
+    ``‖(G_bb + λI)Δ_b + g_b‖ <= tol ‖g_b‖`` or ``max_iter`` iterations. A search direction with
+    ``pᵀ(G_bb + λI)p <= 0`` (possible at ``λ = 0``: ``G`` is singular) ends that block's solve
+    at its current iterate, reported through the residual and ``cg_converged``, never a NaN.
+    No learning rate, weight decay or clipping applies.
+
+    Under ``torchrun`` ``batches`` are this rank's rows of the micro-batches: the inner
+    gradients and every product are all-reduced, and every rank runs the same CG on the same
+    vectors, so the result is the single-process one on the whole micro-batches.
+
+    ``Direction.decrease`` is ``L(θ_t) − m(Δ_b)`` averaged over the blocks (from the final
+    residual ``r``: ``m(Δ) − L = ½ gᵀΔ − ½ rᵀΔ``); ``inner_model_losses`` holds ``m(Δ_b)`` per
+    block.
+    """
+    counts = token_counts(batches, ignore_index)
+    fns = list(logits_fns) if logits_fns is not None else [None] * len(batches)
+    names = [n for block in blocks for n in block]
+    zero = {n: torch.zeros_like(theta[n]) for n in names}
+    losses, grads = [], []
+    for k, batch in enumerate(batches):
+        r = inner_gradient(model, theta, zero, batch, ignore_index=ignore_index,
+                           logits_fn=fns[k], num_tokens=counts[k], precision=precision)
+        losses.append(r.loss)
+        grads.append(r.grad)
+    K = len(batches)
+    g = {n: sum(gr[n] for gr in grads) / K for n in names}
+    part = Partition(tuple(Block(f"block.{b}", tuple(Part(n, 0, theta[n].numel()) for n in bl))
+                           for b, bl in enumerate(blocks)))
+    op = ggn(model, list(batches), part, ignore_index=ignore_index, cache=cache,
+             logits_fn=fns, precision=precision, normalization="batches")
+    loss = sum(losses) / K
+    delta: Tensors = {}
+    decreases, model_losses, iterations, residuals, converged = [], [], [], [], []
+    products = 0
+    for b in range(len(blocks)):
+        sub = op.block(f"block.{b}") if len(blocks) > 1 else op
+        space = sub.row_space
+        gb = space.flatten_dict({n: g[n] for n in space.params})
+        start = None if x0 is None else space.flatten_dict({n: x0[n] for n in space.params})
+        try:
+            res = cg(sub, -gb, damping=damping, tol=tol, max_iter=max_iter, x0=start,
+                     on_breakdown="stop")
+        except ValueError as e:  # the operator returned NaN/Inf
+            raise TrainingDivergedError(f"CG on block {b}: {e}") from None
+        products += res.products
+        gnorm = float(gb.norm())
+        residuals.append(float(res.residual_norm) / gnorm if gnorm > 0 else 0.0)
+        iterations.append(res.iterations)
+        converged.append(bool(res.converged))
+        change = 0.5 * float(gb @ res.x) - 0.5 * float(res.residual @ res.x)
+        decreases.append(-change)
+        model_losses.append(loss + change)
+        delta.update({n: v.clone() for n, v in space.unflatten(res.x).items()})
+    passes = count_passes(inner_gradient=K, linearization=K if op.engine.cached else 0,
+                          ggn_product=K * products)
+    return Direction(delta, loss, sum(decreases) / len(decreases), tuple(losses),
+                     tuple(model_losses), passes, max(iterations), max(residuals),
+                     all(converged))
