@@ -69,17 +69,24 @@ GPU = dict(preset="45m", device="cuda", seq_len=512, micro_batch_size=16, warmup
            eval_batches=16)
 
 
-def warmup(s, out: Path, common: dict) -> Path:
+def warmup(s, out: Path, common: dict, seed: int = 0) -> Path:
     """The shared start of every run: AdamW for ``s.warmup_steps`` steps at ``s.warmup_lr``
-    from a fresh ``s.preset`` model -> ``out/warmup/final.pt`` (kept if it exists)."""
-    warm = out / "warmup" / "final.pt"
+    from a fresh ``s.preset`` model -> ``out/warmup/final.pt`` (kept if it exists). ``seed``
+    (model init and data order): 0 writes ``warmup``, others ``warmup-seed{seed}``."""
+    folder = out / ("warmup" if seed == 0 else f"warmup-seed{seed}")
+    warm = folder / "final.pt"
     if not distributed.broadcast_object(warm.exists()):  # the same decision on every rank
         t = time.perf_counter()
-        r = train(TrainConfig(optimizer="adamw", preset=s.preset, lr=s.warmup_lr,
-                              max_steps=s.warmup_steps, out=str(out / "warmup"), **common))
-        print(f"warm-up: AdamW {s.warmup_steps} steps, val loss {r.val_loss:.4f} "
+        r = train(TrainConfig(optimizer="adamw", preset=s.preset, lr=s.warmup_lr, seed=seed,
+                              max_steps=s.warmup_steps, out=str(folder), **common))
+        print(f"warm-up seed {seed}: AdamW {s.warmup_steps} steps, val loss {r.val_loss:.4f} "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
     return warm
+
+
+def has_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a (possibly unfinished) training run to resume."""
+    return (folder / "metrics.jsonl").is_file() or any(folder.glob("*.pt"))
 
 
 def run(s: Settings, out: Path) -> list[dict]:
@@ -91,9 +98,9 @@ def run(s: Settings, out: Path) -> list[dict]:
     results = []
     for name, lr in runs:
         gn = name not in s.lrs
+        folder = out / "runs" / f"{name}-lr{lr:g}"
         cfg = TrainConfig(
-            optimizer=name, init=str(warm), resume=True,
-            out=str(out / "runs" / f"{name}-lr{lr:g}"),
+            optimizer=name, init=str(warm), resume=has_run(folder), out=str(folder),
             max_steps=s.gn_steps if gn else s.baseline_steps,
             **(dict(inner_steps=s.inner_steps, inner_lr=lr) if gn
                else dict(lr=lr, grad_accum=s.inner_steps)), **common)

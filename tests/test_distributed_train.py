@@ -47,7 +47,8 @@ def _resume_config(init: str, out: str) -> TrainConfig:
 
 
 def _summary(result) -> dict:
-    return {"history": [{k: v for k, v in r.items() if k != "wall_time"}
+    return {"history": [{k: v for k, v in r.items()
+                         if k not in ("wall_time", "step_time", "eval_time")}
                         for r in result.history],
             "params": {k: p.detach().clone() for k, p in result.model.named_parameters()},
             "checkpoint": result.checkpoint}
@@ -258,7 +259,7 @@ def test_train_cli_under_torchrun_equals_one_process(tmp_path, capsys, init_ckpt
     assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2]
     for a, b in zip(two, one):
         assert a.keys() == b.keys()
-        for k in b.keys() - {"wall_time"}:
+        for k in b.keys() - {"wall_time", "step_time", "eval_time"}:
             assert (a[k] is None) == (b[k] is None) and (
                 b[k] is None or a[k] == pytest.approx(b[k], rel=RTOL)), (k, a, b)
     assert two[-1]["val_loss"] < two[0]["val_loss"]

@@ -10,6 +10,24 @@ saving.
 Output folder: ``step_NNNNNN.pt`` every ``checkpoint_every`` steps, ``final.pt`` at the end,
 ``metrics.jsonl`` (one JSON object per outer step; step 0 is the evaluation of the start).
 
+Cost columns of every metrics row (running totals since step 0, kept across ``--resume``;
+numeric ones also in the checkpoint's metrics, ``passes_total`` there as ``passes_<kind>``):
+
+- ``tokens``: positions ``B·T`` of every micro-batch read (inner + line search for GN);
+- ``tokens_solve`` / ``tokens_line_search``: non-ignored target tokens of the micro-batches the
+  solve (baselines: the gradient accumulation) and the line search read, each micro-batch
+  counted once however many candidates score it or blocks reuse it. This follows the
+  reference's third-party fork (gmbabreu/full-gauss-newton, ``EasyLM/training_progress.py``,
+  ``TrainingProgress.charge``: solve and line-search tokens charged separately, once per
+  fetched batch; its token axis is the solve tokens, the line search reported beside it);
+- ``passes`` (this step) / ``passes_total``: what ran, by kind (:class:`GNStep` ``passes``
+  for the GN methods; a baseline step is ``grad_accum`` ``"gradient"`` passes, forward +
+  backward on one micro-batch); ``benchmarks/pass_costs.py`` measures each kind's cost in
+  gradients;
+- ``step_time``: seconds of this step's update (no evaluation); ``wall_time``: running total of
+  update + evaluation seconds (the evaluation of step 0 excluded); ``eval_time``: the running
+  total of ``wall_time − Σ step_time``.
+
 Data parallelism (``torchrun``, :mod:`curvlab.distributed`): every micro-batch (training, GN
 inner, line search, evaluation) is split by rows across the processes (:meth:`Batch.shard`) and
 every loss is a token sum over all ranks divided by the token count of all ranks, so a run on
@@ -128,7 +146,9 @@ class _Baseline:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=False)
         self.opt.step()
-        return {"train_loss": sum(s / n for s, n in zip(totals, counts)) / K, "lr": lr}
+        return {"train_loss": sum(s / n for s, n in zip(totals, counts)) / K, "lr": lr,
+                "tokens_solve": sum(counts), "tokens_line_search": 0,
+                "passes": {"gradient": K}}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.opt.state_dict()}
@@ -153,8 +173,13 @@ class _GaussNewton:
         inner = [self.batch(first + k) for k in range(n)]
         scored = [self.batch(first + n + j) for j in range(self.cfg.ls_batches)]
         r = self.gn.step(inner, scored)
+        # tokens as the reference's fork counts them (module docstring): every micro-batch once
+        counts = token_counts(inner + scored)
         return {"train_loss": r.loss, "lr": r.lr, "ls_step": r.step_size,
-                "ls_losses": list(r.line_search_losses), "inner_decrease": r.predicted_decrease}
+                "ls_losses": list(r.line_search_losses), "inner_decrease": r.predicted_decrease,
+                "tokens_solve": sum(counts[:n]), "tokens_line_search": sum(counts[n:]),
+                "passes": dict(r.passes), "cg_iterations": r.cg_iterations,
+                "cg_residual": r.cg_residual}
 
     def state_dict(self) -> dict[str, Any]:
         return self.gn.state_dict()
@@ -297,6 +322,22 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
+def _no_costs() -> dict[str, Any]:
+    return {"tokens_solve": 0, "tokens_line_search": 0, "passes": {}, "eval_time": 0.0}
+
+
+def _cost_fields(costs: dict[str, Any] | None, step_time: float | None) -> dict[str, Any]:
+    """The cumulative cost columns of a metrics row (per-step ``tokens_solve`` /
+    ``tokens_line_search`` / ``passes`` of the method are replaced by the running totals,
+    the step's own passes stay under ``passes``)."""
+    known = costs is not None
+    return {"tokens_solve": costs["tokens_solve"] if known else None,
+            "tokens_line_search": costs["tokens_line_search"] if known else None,
+            "passes_total": dict(costs["passes"]) if known else None,
+            "step_time": None if step_time is None else round(step_time, 4),
+            "eval_time": round(costs["eval_time"], 4) if known else None}
+
+
 def _finite(row: dict[str, Any]) -> bool:
     return all(math.isfinite(row[k]) for k in ("train_loss", "val_loss")
                if row.get(k) is not None)
@@ -356,17 +397,20 @@ def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult
     ema = ({k: p.detach().clone() for k, p in model.named_parameters()} if cfg.ema_decay > 0
            else None)
     step, tokens, wall, history = 0, 0, 0.0, []
+    # cumulative cost (module docstring); None after resuming a checkpoint written without it
+    costs: dict[str, Any] | None = _no_costs()
     out = Path(cfg.out) if cfg.out is not None else None
     metrics_path = out / "metrics.jsonl" if out is not None else None
 
     def snapshot(path: Path, row: dict[str, Any]) -> Path:
         def write() -> Path:
             state = {"step": step, "tokens": tokens, "wall_time": wall,
-                     "method": method.state_dict(), "ema": ema}
+                     "method": method.state_dict(), "ema": ema, "costs": costs}
+            numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+            numbers.update({f"passes_{k}": v for k, v in (row.get("passes_total") or {}).items()})
             return save_checkpoint(
                 path, model, step=step, optimizer={"name": cfg.optimizer, "hparams": cfg.hparams()},
-                data=spec.to_dict(),
-                metrics={k: v for k, v in row.items() if isinstance(v, (int, float))},
+                data=spec.to_dict(), metrics=numbers,
                 extra={"train_config": cfg.to_dict(), "trainer": _cpu(state)})
 
         # rank 0 writes; the others wait until the checkpoint is complete (a barrier that
@@ -405,6 +449,11 @@ def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult
                     v.copy_(state["ema"][k])
             step, tokens, wall = int(state["step"]), int(state["tokens"]), float(
                 state["wall_time"])
+            costs = state.get("costs")
+            if costs is None:
+                warnings.warn(f"--resume: {latest} was written without cost counts; the rows "
+                              "after it report tokens_solve, tokens_line_search, passes_total "
+                              "and eval_time as null", stacklevel=2)
             # drop rows written after the checkpoint
             history = _on_main(lambda: _resumed_history(metrics_path, step))
         if main:
@@ -423,7 +472,7 @@ def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult
         if metrics_path is not None and main:
             _write_jsonl(metrics_path, [])  # a run that never reached a checkpoint restarts
         record({"step": 0, "tokens": 0, "train_loss": None, "val_loss": evaluate(),
-                "wall_time": 0.0})
+                "wall_time": 0.0, **_cost_fields(costs, None)})
     bar = None
     if progress is True and main:
         from tqdm import tqdm
@@ -441,6 +490,7 @@ def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult
         while step < cfg.max_steps and reached(history) is None:
             start = time.perf_counter()
             row = method.step(step)
+            step_time = time.perf_counter() - start
             # parameters are the same on every rank and the losses are global: every rank
             # raises together
             if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -455,9 +505,16 @@ def train(config: TrainConfig, progress: bool | Progress = False) -> TrainResult
             tokens += tokens_per_step
             last = step == cfg.max_steps
             val_loss = evaluate() if step % cfg.eval_every == 0 or last else None
-            wall += time.perf_counter() - start
+            now = time.perf_counter()
+            wall += now - start
+            if costs is not None:
+                costs["tokens_solve"] += row["tokens_solve"]
+                costs["tokens_line_search"] += row["tokens_line_search"]
+                for k, v in row["passes"].items():
+                    costs["passes"][k] = costs["passes"].get(k, 0) + int(v)
+                costs["eval_time"] += now - start - step_time
             row = {"step": step, "tokens": tokens, **row, "val_loss": val_loss,
-                   "wall_time": round(wall, 4)}
+                   "wall_time": round(wall, 4), **_cost_fields(costs, step_time)}
             if not _finite(row):
                 raise TrainingDivergedError(
                     f"loss is NaN or Inf at step {step} ({cfg.optimizer}: train loss "
