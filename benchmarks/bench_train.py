@@ -81,7 +81,7 @@ def main() -> None:
         cfg = TrainConfig(optimizer=optimizer, inner_steps=args.inner_steps, inner_lr=1e-4,
                           micro_batch_size=args.micro_batch_size)
         gn = _GaussNewton(model, cfg, lambda i: stream.batch(i).to(dev))
-        return lambda: gn.step(0)
+        return lambda: gn.step(gn.gn.steps)  # the next outer step each call
 
     cases = {
         "gradient": gradient(),

@@ -13,16 +13,21 @@ divided by the plain gradient's median:
   parameter dict), what the GN line search runs per candidate and micro-batch;
 - ``inner_gradient``: one linearized-model gradient ``Jᵀ(g_z + H_z JΔ)``
   (:func:`curvlab.train.inner_gradient`), what a first-order GN inner step runs per block;
+- ``ggn_product``: one GGN product on one micro-batch without a cached linearization (a
+  forward pass carrying the tangent inside one VJP: :func:`curvlab.ggn` with ``cache=False``),
+  what a CG iteration of the trainer runs per micro-batch (``inner_optimizer="cg"``, whose
+  operator is uncached by default);
 - ``linearization``: the cached linearization of the logits on one micro-batch
   (``torch.func.linearize`` + stored VJP + logit-space curvature: preparing a
-  :func:`curvlab.ggn` operator with ``cache=True``);
-- ``ggn_product``: one product of that cached operator, what a CG iteration runs per
-  micro-batch.
+  :func:`curvlab.ggn` operator with ``cache=True``), counted where a solve caches;
+- ``ggn_product_cached``: one product of that cached operator (the ``ggn_product`` of a
+  solve whose ``passes`` count linearizations).
 
-A step's gradient-equivalents are ``Σ_kind passes[kind] × ratio[kind]`` (analyses/
-batch_size_study.py reads the ``--out`` JSON). Optimizer updates (Muon's Newton-Schulz, AdamW)
-are not counted: they are per step, not per micro-batch (``benchmarks/bench_train.py`` times
-them).
+A step's gradient-equivalents are ``Σ_kind passes[kind] × ratio[kind]``, with
+``ggn_product_cached`` for the products where linearizations were counted
+(:func:`gradient_equivalents`; analyses/batch_size_study.py uses it). Optimizer updates
+(Muon's Newton-Schulz, AdamW) are not counted: they are per step, not per micro-batch
+(``benchmarks/bench_train.py`` times them).
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from curvlab.curvature.model_fn import model_params
 from curvlab.models import lm_loss
 from curvlab.train import inner_gradient, mean_loss
 
-KINDS = ("gradient", "loss", "inner_gradient", "linearization", "ggn_product")
+KINDS = ("gradient", "loss", "inner_gradient", "ggn_product", "linearization",
+         "ggn_product_cached")
 
 
 def measure(preset: str = "tiny", micro_batch_size: int = 8, seq_len: int = 64,
@@ -72,13 +78,17 @@ def measure(preset: str = "tiny", micro_batch_size: int = 8, seq_len: int = 64,
         op.engine.prepare()
         return op
 
-    op = operator()
+    cached, fresh = operator(), curvlab.ggn(model, batch, cache=False)
 
     def product() -> None:
-        op @ delta
+        fresh @ delta
+
+    def cached_product() -> None:
+        cached @ delta
 
     cases = {"gradient": gradient, "loss": loss, "inner_gradient": inner,
-             "linearization": operator, "ggn_product": product}
+             "ggn_product": product, "linearization": operator,
+             "ggn_product_cached": cached_product}
     times: dict[str, list[float]] = {k: [] for k in cases}
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     for run in cases.values():
@@ -102,9 +112,20 @@ def measure(preset: str = "tiny", micro_batch_size: int = 8, seq_len: int = 64,
     }
 
 
+def gradient_equivalents(passes: dict[str, int], ratios: dict[str, float]) -> float:
+    """``Σ passes[kind] × ratios[kind]``; products after a cached linearization (``passes``
+    counts linearizations) at the cached product's ratio."""
+    total = 0.0
+    for kind, count in passes.items():
+        if kind == "ggn_product" and passes.get("linearization"):
+            kind = "ggn_product_cached"
+        total += count * ratios[kind]
+    return total
+
+
 def table(result: dict) -> str:
-    lines = [result["machine"], f"{'pass':<16}{'median ms':>11}  gradients",
-             *(f"{k:<16}{1e3 * result['median_s'][k]:>11.2f}  {result['ratios'][k]:.2f}"
+    lines = [result["machine"], f"{'pass':<20}{'median ms':>11}  gradients",
+             *(f"{k:<20}{1e3 * result['median_s'][k]:>11.2f}  {result['ratios'][k]:.2f}"
                for k in KINDS)]
     return "\n".join(lines)
 
