@@ -21,7 +21,14 @@ from curvlab.linalg.errors import (
     NotPositiveDefiniteError,
 )
 from curvlab.linalg.lanczos import LanczosResult, default_basis_size, lanczos
-from curvlab.linalg.operator import DenseOperator, Operator, as_operator, check_operator, matmat
+from curvlab.linalg.operator import (
+    DenseOperator,
+    DiagonallyScaledOperator,
+    Operator,
+    as_operator,
+    check_operator,
+    matmat,
+)
 from curvlab.linalg.progress import Progress, ProgressFn
 from curvlab.linalg.slq import SpectralDensity, block_spectral_densities, spectral_density
 from curvlab.linalg.trace import TraceEstimate, hutchinson, hutchpp
@@ -30,6 +37,7 @@ __all__ = [
     "CGResult",
     "ConvergenceWarning",
     "DenseOperator",
+    "DiagonallyScaledOperator",
     "GhostEigenvalueWarning",
     "LanczosResult",
     "LinalgWarning",

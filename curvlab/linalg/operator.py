@@ -106,3 +106,30 @@ def random_probes(
     else:
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
     return z.to(op.device)
+
+
+class DiagonallyScaledOperator:
+    """``D A D`` for a symmetric operator ``A`` and a diagonal ``D = diag(d)``: symmetric again.
+
+    With ``d = p^{-1/2}`` its eigenvalues are those of ``P^{-1} A`` (``P = diag(p)``, ``p > 0``;
+    similar matrices: ``P^{-1} A = D (D A D) D^{-1}``) and an eigenvector ``w`` of ``D A D`` gives
+    the eigenvector ``D w`` of ``P^{-1} A``. ``op @ V`` is one block product of ``A``.
+    """
+
+    def __init__(self, op: Any, d: torch.Tensor) -> None:
+        n = check_operator(op)
+        if tuple(d.shape) != (n,):
+            raise ValueError(f"scaling has shape {tuple(d.shape)}, operator dimension {n}")
+        self.op = op
+        self.d = d.to(device=op.device, dtype=op.dtype)
+
+    shape = property(lambda self: tuple(self.op.shape))
+    dtype = property(lambda self: self.op.dtype)
+    device = property(lambda self: self.op.device)
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        d = self.d if v.ndim == 1 else self.d[:, None]
+        return d * (self.op @ (d * v))
+
+    def __repr__(self) -> str:
+        return f"DiagonallyScaledOperator({self.op!r})"
