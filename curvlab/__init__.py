@@ -76,7 +76,6 @@ from curvlab.data import Batch, BatchStream, DataSpec, load_corpus  # noqa: E402
 from curvlab.errors import CurvlabError  # noqa: E402
 from curvlab.models import ModelConfig, build_model, lm_loss, math_attention, preset  # noqa: E402
 from curvlab.optim import GaussNewton, GNStep  # noqa: E402
-from curvlab.train import TrainConfig, TrainingDivergedError, TrainResult  # noqa: E402
 from curvlab.sharpness import (  # noqa: E402
     adam_preconditioner,
     checkpoint_lr,
@@ -88,6 +87,7 @@ from curvlab.sharpness import (  # noqa: E402
     preconditioned_sharpness,
     stability_threshold,
 )
+from curvlab.train import TrainConfig, TrainingDivergedError, TrainResult  # noqa: E402
 from curvlab.trajectory import (  # noqa: E402
     Trajectory,
     find_checkpoints,

@@ -518,7 +518,7 @@ def spectra_along(
         extra = _quantities(i, cks, model, info, op, part, batches, results, load=load,
                             gradient_share=gradient_share, sharpness=sharpness,
                             heterogeneity=heterogeneity, kind=kind, precision=precision,
-                            tol=tol, seed=seed, lanczos=lanczos)
+                            tol=tol, seed=seed, lanczos=lanczos, cached=plan.settings.cached)
         if not vectors:
             results = [_lanczos_without_vectors(r) for r in results]
         if main:
@@ -580,7 +580,8 @@ def _check_resume(out: Path, prov, part, options: Mapping[str, Any],
 
 
 def _quantities(i, cks, model, info, op, part, batches, results, *, load, gradient_share,
-                sharpness, heterogeneity, kind, precision, tol, seed, lanczos) -> dict[str, Any]:
+                sharpness, heterogeneity, kind, precision, tol, seed, lanczos,
+                cached) -> dict[str, Any]:
     """The per-checkpoint quantities beyond the spectra (see :func:`spectra_along`)."""
     out: dict[str, Any] = {}
     if not (gradient_share or sharpness or heterogeneity):
@@ -611,6 +612,7 @@ def _quantities(i, cks, model, info, op, part, batches, results, *, load, gradie
     if sharpness:
         hess = op if kind == "hessian" else curvature_operator(
             "hessian", model, batches, part, precision=precision)
+        hess.engine.set_cache(cached)  # as the memory plan chose for the main operator
         lr = sh.checkpoint_lr(info)
         betas = ((info.extra or {}).get("train_config") or {}).get("betas")
         p = sh.adam_preconditioner(info, hess, model)

@@ -150,8 +150,9 @@ def test_run_folder_step_axis_against_dense_ggn(run, tmp_path, capsys):
 
 
 def test_resume_after_interruption_equals_uninterrupted(run, tmp_path, monkeypatch):
-    opts = dict(k=2, dtype="float64", blocks="layer", density=True, probes=2, steps=6,
-                trace=True, trace_matvecs=6)
+    opts = dict(k=1, dtype="float64", blocks="layer", block_names=["embed", "layer.0"],
+                full=True, density=True, probes=2, steps=6, trace=True, trace_matvecs=6,
+                cache="off", gradient_share=True)
     whole = tmp_path / "whole.h5"
     curvlab.spectra_along(run / "adamw", whole, **opts)
     part = tmp_path / "part.h5"
@@ -219,14 +220,27 @@ def test_plot_one_and_two_runs(run, tmp_path, capsys):
     files = []
     for name, src in (("a", run / "adamw"), ("m", muon)):
         files.append(tmp_path / f"{name}.h5")
-        code, _, err = run_cli(capsys, "spectrum", src, "--k", 2, "--dtype", "float64",
-                               "--no-progress", "--blocks", "layer", "--heterogeneity",
-                               "--probes", 2, "--steps", 6, "-o", files[-1])
+        code, _, err = run_cli(capsys, "spectrum", src, "--k", 1, "--dtype", "float64",
+                               "--no-progress", "--block", "embed", "--block", "layer.0",
+                               "--full", "--heterogeneity", "--probes", 2, "--steps", 6,
+                               "--sharpness", "--tol", "1e-4", "--cache", "off", "-o",
+                               files[-1])
         assert code == 0, err
+    # AdamW (β₁ = 0.9): threshold 38/η, η the lr of the step's metrics row; the relabelled
+    # checkpoints hold no training config: λ_max(H), no threshold
+    metrics = (run / "adamw" / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in metrics.splitlines()]
+    lrs = [r["lr"] for r in rows if r["step"] in (1, 2, 3)]
+    a, m = curvlab.read_trajectory(files[0]), curvlab.read_trajectory(files[1])
+    np.testing.assert_allclose(a.series["lr"], lrs, rtol=1e-12)
+    np.testing.assert_allclose(a.series["sharpness_threshold"], 38 / np.array(lrs), rtol=1e-12)
+    assert list(a.series["sharpness_kind"]) == ["adam"] * 3 and (a.series["sharpness"] > 0).all()
+    assert list(m.series["sharpness_kind"]) == ["none"] * 2
+    assert np.isnan(m.series["sharpness_threshold"]).all()
     code, stdout, err = run_cli(capsys, "plot", files[0], "-o", tmp_path / "one")
     assert code == 0, err
     one = sorted(os.listdir(tmp_path / "one"))
-    assert "lambda_max_full.png" in one and "heterogeneity.png" in one
+    assert {"lambda_max_full.png", "heterogeneity.png", "sharpness.png"} <= set(one)
     assert all(os.path.getsize(tmp_path / "one" / p) > 1000 for p in one)
     code, stdout, err = run_cli(capsys, "plot", *files, "-o", tmp_path / "two")
     assert code == 0, err
@@ -237,6 +251,9 @@ def test_plot_one_and_two_runs(run, tmp_path, capsys):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["adamw", "muon"]
     x, y = ax.get_lines()[1].get_data()
     assert list(x) == [1, 2] and np.all(np.isfinite(y))
+    lines = figs["sharpness"].axes[0].get_lines()  # AdamW, its threshold (dashed), Muon
+    assert [ln.get_linestyle() for ln in lines] == ["-", "--", "-"]
+    np.testing.assert_allclose(lines[1].get_ydata(), 38 / np.array(lrs))
     het = figs["heterogeneity"].axes[0].get_lines()[0].get_ydata()
     assert np.all((het > 0) & (het <= 1))  # mean JS distance of the block densities
     # a step-axis file beside a plain one: refused in one line
@@ -245,3 +262,66 @@ def test_plot_one_and_two_runs(run, tmp_path, capsys):
                            "--no-progress", "-o", single)
     assert code == 0, err
     assert_clean_error(capsys, "plot", files[0], single, match="has no step axis")
+
+
+def _dense_gradient(model, batches) -> torch.Tensor:
+    """∇ of the mean token cross-entropy over all batches, named_parameters order, float64."""
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach().double().requires_grad_() for n, p in model.named_parameters()}
+    total, tokens = 0.0, 0
+    for b in batches:
+        logits = functional_call(model, params, (b.inputs,))
+        total = total + torch.nn.functional.cross_entropy(
+            logits.reshape(-1, CFG.vocab_size), b.targets.reshape(-1), reduction="sum")
+        tokens += b.targets.numel()
+    grads = torch.autograd.grad(total / tokens, [params[n] for n in names])
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_gradient_and_step_share_against_dense(run, tmp_path, capsys):
+    out = tmp_path / "q.h5"
+    code, stdout, err = run_cli(capsys, "spectrum", run / "adamw", "--k", 3, "--dtype",
+                                "float64", "--tol", "1e-12", "--no-progress", "--block", "embed",
+                                "--full", "--gradient-share", "-o", out,
+                                "--plot", tmp_path / "q.png")
+    assert code == 0, err
+    assert (tmp_path / "q_plots" / "gradient_share_embed.png").stat().st_size > 1000
+    from curvlab.cli import load_analysis_inputs
+
+    t = curvlab.read_trajectory(out)
+    models = []
+    for s in (1, 2, 3):
+        model, _, _, batches = load_analysis_inputs(
+            str(run / "adamw" / f"step_00000{s}.pt"), None, None, None, 1, None, None, "train",
+            "float64")
+        models.append((model, batches))
+    thetas = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m, _ in models]
+    names = [n for n, _ in models[0][0].named_parameters()]
+    sizes = [p.numel() for p in models[0][0].parameters()]
+    emb = torch.zeros(sum(sizes), dtype=torch.bool)  # the coordinates of block "embed"
+    emb[: sizes[0]] = True
+    assert names[0] == "embed_tokens.weight" and t.attrs["options"]["targets"] == ["full", "embed"]
+    with h5py.File(out, "r") as f:
+        for i, s in enumerate((1, 2, 3)):
+            model, batches = models[i]
+            G, g = _dense_ggn(model, batches), _dense_gradient(model, batches)
+            step = thetas[i + 1] - thetas[i] if i < 2 else None
+            for target, mask in (("full", slice(None)), ("embed", emb)):
+                sub = G[mask][:, mask]
+                V = torch.linalg.eigh(sub).eigenvectors.flip(1)[:, :3]
+                want = [float((V[:, :j].T @ g[mask]).square().sum() / g[mask].square().sum())
+                        for j in (1, 2, 3)]
+                got = f[f"step/{s}/gradient/share/{target}"][()]
+                np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+                stepped = f[f"step/{s}/gradient/step_share/{target}"][()]
+                if step is None:
+                    assert np.isnan(stepped).all()
+                else:
+                    d = step[mask]
+                    want = [float((V[:, :j].T @ d).square().sum() / d.square().sum())
+                            for j in (1, 2, 3)]
+                    np.testing.assert_allclose(stepped, want, rtol=1e-8, atol=1e-12)
+                assert t.series[f"gradient_share/{target}"][i] == got[-1]
+            assert abs(f[f"step/{s}/gradient"].attrs["norm"] - float(g.norm())) < 1e-12
+            assert "eigenvectors" not in f[f"step/{s}/spectrum/ggn/full"]  # no --vectors
+    assert np.isnan(t.series["step_share/full"][-1])
