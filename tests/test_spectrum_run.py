@@ -325,3 +325,20 @@ def test_gradient_and_step_share_against_dense(run, tmp_path, capsys):
             assert abs(f[f"step/{s}/gradient"].attrs["norm"] - float(g.norm())) < 1e-12
             assert "eigenvectors" not in f[f"step/{s}/spectrum/ggn/full"]  # no --vectors
     assert np.isnan(t.series["step_share/full"][-1])
+
+
+def test_torchrun_two_processes_equal_one(run, tmp_path, capsys):
+    from tests.dist_helpers import torchrun
+
+    args = ["--k", "2", "--dtype", "float64", "--batches", "2", "--gradient-share",
+            "--no-progress", "--cache", "off"]
+    p = torchrun(["spectrum", str(run / "adamw"), *args, "-o", str(tmp_path / "two.h5")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "(2 processes)" in p.stdout and p.stderr.count("checkpoint 1 of 3") == 1
+    code, _, err = run_cli(capsys, "spectrum", run / "adamw", *args, "-o", tmp_path / "one.h5")
+    assert code == 0, err
+    two, one = (curvlab.read_trajectory(tmp_path / f) for f in ("two.h5", "one.h5"))
+    assert two.attrs["data"] == one.attrs["data"]  # provenance: the whole batches
+    assert sorted(two.series) == sorted(one.series)
+    for key in one.series:
+        np.testing.assert_allclose(two.series[key], one.series[key], rtol=1e-9, atol=1e-12)
