@@ -518,7 +518,8 @@ def spectra_along(
         extra = _quantities(i, cks, model, info, op, part, batches, results, load=load,
                             gradient_share=gradient_share, sharpness=sharpness,
                             heterogeneity=heterogeneity, kind=kind, precision=precision,
-                            tol=tol, seed=seed, lanczos=lanczos, cached=plan.settings.cached)
+                            tol=tol, seed=seed, lanczos=lanczos, cached=plan.settings.cached,
+                            progress=progress)
         if not vectors:
             results = [_lanczos_without_vectors(r) for r in results]
         if main:
@@ -581,7 +582,7 @@ def _check_resume(out: Path, prov, part, options: Mapping[str, Any],
 
 def _quantities(i, cks, model, info, op, part, batches, results, *, load, gradient_share,
                 sharpness, heterogeneity, kind, precision, tol, seed, lanczos,
-                cached) -> dict[str, Any]:
+                cached, progress) -> dict[str, Any]:
     """The per-checkpoint quantities beyond the spectra (see :func:`spectra_along`)."""
     out: dict[str, Any] = {}
     if not (gradient_share or sharpness or heterogeneity):
@@ -616,10 +617,11 @@ def _quantities(i, cks, model, info, op, part, batches, results, *, load, gradie
         lr = sh.checkpoint_lr(info)
         betas = ((info.extra or {}).get("train_config") or {}).get("betas")
         p = sh.adam_preconditioner(info, hess, model)
+        tell = None if progress is None else (lambda report: progress("sharpness", report))
         if p is not None:
-            res = sh.preconditioned_sharpness(hess, p, k=1, tol=tol, seed=seed)
+            res = sh.preconditioned_sharpness(hess, p, k=1, tol=tol, seed=seed, progress=tell)
         else:
-            res = lanczos(hess, k=1, tol=tol, seed=seed)
+            res = lanczos(hess, k=1, tol=tol, seed=seed, progress=tell)
         th = sh.checkpoint_threshold(info)
         out["sharpness"] = dict(
             kind=th[0] if th is not None else ("adam" if p is not None else "none"),
