@@ -11,14 +11,17 @@ result = train(TrainConfig(optimizer="gn", preset="tiny", max_steps=20, out="run
 from curvlab.train.config import (
     BASELINES,
     GN_METHODS,
+    INNER_SOLVERS,
     OPTIMIZERS,
     TrainConfig,
     TrainingDivergedError,
 )
 from curvlab.train.gauss_newton import GaussNewton, GNStep, as_batch, mean_loss
 from curvlab.train.gn import (
+    PASS_KINDS,
     Direction,
     InnerGradient,
+    cg_direction,
     inner_gradient,
     linearized_vjp,
     logits_function,
@@ -44,10 +47,12 @@ __all__ = [
     "GaussNewton",
     "GN_METHODS",
     "INNER_OPTIMIZERS",
+    "INNER_SOLVERS",
     "InnerGradient",
     "LineSearchResult",
     "Muon",
     "OPTIMIZERS",
+    "PASS_KINDS",
     "SCHEDULES",
     "SOAP",
     "TrainConfig",
@@ -55,6 +60,7 @@ __all__ = [
     "TrainingDivergedError",
     "as_batch",
     "build_optimizer",
+    "cg_direction",
     "hidden_matrices",
     "inner_gradient",
     "line_search",
