@@ -5,6 +5,8 @@ mean cross-entropy written out, ``Jᵀ H J`` explicitly) and the gradient by pla
 forward passes counted by wrapping the model's ``forward``.
 """
 
+import json
+
 import pytest
 import torch
 from torch.func import functional_call, jacrev
@@ -354,6 +356,13 @@ def test_train_with_cg_resumes_with_its_warm_start(tmp_path, init_ckpt):
     cold = train(cfg.replace(out=str(tmp_path / "cold"), warm_start=False))
     assert not all(torch.equal(p, q) for p, q in zip(whole.model.parameters(),
                                                      cold.model.parameters()))
+    rows = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")][1:]
+    assert len(rows) == 4 and all(row["lr"] == 0.0 for row in rows)
+    # the metrics report the solve: iteration limit hit, residual above the tolerance, finite
+    # (measured: 0.07, 0.69, 1.36, 0.79 — 3 iterations from the previous Δ can end worse than
+    # the residual 1 of x0 = 0 where the direction turns)
+    assert all(row["cg_iterations"] == 3 and 1e-8 < row["cg_residual"] < 10 for row in rows)
+    assert all(row["passes"]["ggn_product"] == 2 * (3 + (row["step"] > 1)) for row in rows)
     _, info = load_checkpoint(tmp_path / "whole" / "final.pt")
     hp = info.optimizer["hparams"]
     assert hp["inner_optimizer"] == "cg" and hp["cg_tol"] == 1e-8 and hp["cg_max_iter"] == 3
