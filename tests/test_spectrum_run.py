@@ -156,18 +156,25 @@ def test_resume_after_interruption_equals_uninterrupted(run, tmp_path, monkeypat
     whole = tmp_path / "whole.h5"
     curvlab.spectra_along(run / "adamw", whole, **opts)
     part = tmp_path / "part.h5"
-    real, calls = trajectory._append, []
+    real_append, real_write, snapshots, calls = trajectory._append, \
+        trajectory._write_quantities, [], []
 
-    def failing(path, fill, create=None):
-        calls.append(path)
+    def append(path, fill, create=None):
+        real_append(path, fill, create)
+        snapshots.append(path.read_bytes())
+
+    def write(*args):  # runs inside the append: the second checkpoint's group is half written
+        calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # interrupted during the second checkpoint
-        real(path, fill, create)
+            raise KeyboardInterrupt
+        real_write(*args)
 
-    monkeypatch.setattr(trajectory, "_append", failing)
+    monkeypatch.setattr(trajectory, "_append", append)
+    monkeypatch.setattr(trajectory, "_write_quantities", write)
     with pytest.raises(KeyboardInterrupt):
         curvlab.spectra_along(run / "adamw", part, **opts)
-    monkeypatch.setattr(trajectory, "_append", real)
+    monkeypatch.undo()
+    assert len(snapshots) == 1 and part.read_bytes() == snapshots[0]  # the file before it
     t = curvlab.read_trajectory(part)  # a valid file that says what is done
     assert list(t.complete) == [True, False, False]
     assert np.isnan(t.series["lambda_max/full"][1:]).all()
@@ -342,3 +349,35 @@ def test_torchrun_two_processes_equal_one(run, tmp_path, capsys):
     assert sorted(two.series) == sorted(one.series)
     for key in one.series:
         np.testing.assert_allclose(two.series[key], one.series[key], rtol=1e-9, atol=1e-12)
+
+
+def test_kill_9_leaves_a_valid_file_that_resumes(run, tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    from tests.dist_helpers import REPO
+
+    out = tmp_path / "killed.h5"
+    args = ["spectrum", str(run / "adamw"), "--k", "2", "--dtype", "float64", "--batches", "3",
+            "--no-progress", "--cache", "off", "--trace", "--trace-matvecs", "30"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "curvlab", *args, "-o", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.kill()  # SIGKILL right after the first checkpoint is in
+    finally:
+        proc.wait()
+    done = curvlab.read_trajectory(out).complete  # opens: a valid file
+    assert done[0]
+    code, _, err = run_cli(capsys, *args, "--resume", "-o", out)
+    assert code == 0, err
+    assert err.count("already done") == int(done.sum())
+    code, _, err = run_cli(capsys, *args, "-o", tmp_path / "whole.h5")
+    assert code == 0, err
+    a, b = _all_items(out), _all_items(tmp_path / "whole.h5")
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if not _same(a[k], b[k])] == []
