@@ -150,9 +150,9 @@ def test_run_folder_step_axis_against_dense_ggn(run, tmp_path, capsys):
 
 
 def test_resume_after_interruption_equals_uninterrupted(run, tmp_path, monkeypatch):
-    opts = dict(k=1, dtype="float64", blocks="layer", block_names=["embed", "layer.0"],
-                full=True, density=True, probes=2, steps=6, trace=True, trace_matvecs=6,
-                cache="off", gradient_share=True)
+    opts = dict(k=1, dtype="float64", blocks="layer", block_names=["embed"], full=True,
+                density=True, probes=2, steps=6, trace=True, trace_matvecs=6, cache="off",
+                gradient_share=True)
     whole = tmp_path / "whole.h5"
     curvlab.spectra_along(run / "adamw", whole, **opts)
     part = tmp_path / "part.h5"
@@ -265,9 +265,8 @@ def test_plot_one_and_two_runs(run, tmp_path, capsys):
     assert np.all((het > 0) & (het <= 1))  # mean JS distance of the block densities
     # a step-axis file beside a plain one: refused in one line
     single = tmp_path / "s.h5"
-    code, _, err = run_cli(capsys, "spectrum", run / "adamw" / "final.pt", "--k", 1,
-                           "--no-progress", "-o", single)
-    assert code == 0, err
+    prov = curvlab.store.make_provenance(run / "adamw" / "final.pt", {}, {}, "float64", "cpu")
+    curvlab.store.create_file(single, prov, curvlab.partition(model, "layer")).close()
     assert_clean_error(capsys, "plot", files[0], single, match="has no step axis")
 
 
@@ -337,7 +336,7 @@ def test_gradient_and_step_share_against_dense(run, tmp_path, capsys):
 def test_torchrun_two_processes_equal_one(run, tmp_path, capsys):
     from tests.dist_helpers import torchrun
 
-    args = ["--k", "2", "--dtype", "float64", "--batches", "2", "--gradient-share",
+    args = ["--k", "1", "--dtype", "float64", "--batches", "2", "--gradient-share",
             "--no-progress", "--cache", "off"]
     p = torchrun(["spectrum", str(run / "adamw"), *args, "-o", str(tmp_path / "two.h5")])
     assert p.returncode == 0, p.stderr[-3000:]
