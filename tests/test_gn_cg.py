@@ -13,6 +13,7 @@ from torch.func import functional_call, jacrev
 
 from curvlab import Batch, load_checkpoint
 from curvlab.errors import ConfigError, CurvlabError
+from curvlab.linalg import NotPositiveDefiniteError, cg
 from curvlab.models import ModelConfig
 from curvlab.models.attention import math_attention
 from curvlab.optim import GaussNewton
@@ -424,3 +425,25 @@ def _cg_steps_one():
 
     steps = [opt.step(batches(2, 10 * t), batches(2, 10 * t + 5)) for t in range(2)]
     return {"params": _flat_params(model), "steps": steps}
+
+
+def test_cg_stops_at_a_direction_without_positive_curvature():
+    """A = diag(2, 1, −0.5), b = 1: the first step has pᵀAp = 2.5 > 0 (x = 1.2 b), the second
+    direction p = r + 1.52 b has pᵀAp < 0: with on_breakdown="stop" the column keeps x = 1.2 b
+    and its residual; the second column (b = e_1, one step to the exact solution) is unaffected."""
+    A = torch.diag(torch.tensor([2.0, 1.0, -0.5], dtype=torch.float64))
+    b = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(NotPositiveDefiniteError):
+        cg(A, b, tol=1e-12)
+    r = cg(A, b, tol=1e-12, on_breakdown="stop")
+    assert bool(r.breakdown) and not bool(r.converged) and r.iterations == 1
+    assert torch.allclose(r.x, 1.2 * b, rtol=0, atol=1e-15)
+    assert float(r.residual_norm) == pytest.approx(4.56 ** 0.5, rel=1e-14)
+    assert torch.allclose(r.residual, b - A @ r.x, rtol=0, atol=1e-14) and r.products == 2
+    B = torch.stack([b, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)], dim=1)
+    rb = cg(A, B, tol=1e-12, on_breakdown="stop", max_iter=5)
+    assert rb.breakdown.tolist() == [True, False] and rb.converged.tolist() == [False, True]
+    assert torch.allclose(rb.x[:, 0], 1.2 * b, rtol=0, atol=1e-15)
+    assert torch.allclose(rb.x[:, 1], torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="on_breakdown"):
+        cg(A, b, on_breakdown="ignore")
