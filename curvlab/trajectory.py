@@ -403,9 +403,9 @@ def spectra_along(
     """
     from curvlab import distributed, memory, store
     from curvlab.checkpoint import load_model
-    from curvlab.cli import _param_checksum, data_provenance, load_analysis_inputs
     from curvlab.curvature.blocks import partition as make_partition
     from curvlab.curvature.operators import curvature_operator, default_partition
+    from curvlab.inputs import _param_checksum, data_provenance, load_analysis_inputs
     from curvlab.linalg import default_basis_size, lanczos
     from curvlab.spectra import (
         check_spectrum_numbers,

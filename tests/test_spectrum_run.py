@@ -130,7 +130,7 @@ def test_run_folder_step_axis_against_dense_ggn(run, tmp_path, capsys):
         shas = [s.decode() for s in f["checkpoint_sha256"][()]]
     assert shas[0] == curvlab.store.sha256_file(run / "adamw" / "step_000001.pt")
     # every step against the dense float64 GGN on the same batches
-    from curvlab.cli import load_analysis_inputs
+    from curvlab.inputs import load_analysis_inputs
 
     for s in (1, 2, 3):
         model, _, _, batches = load_analysis_inputs(
@@ -292,7 +292,7 @@ def test_gradient_and_step_share_against_dense(run, tmp_path, capsys):
                                 "--plot", tmp_path / "q.png")
     assert code == 0, err
     assert (tmp_path / "q_plots" / "gradient_share_embed.png").stat().st_size > 1000
-    from curvlab.cli import load_analysis_inputs
+    from curvlab.inputs import load_analysis_inputs
 
     t = curvlab.read_trajectory(out)
     models = []
