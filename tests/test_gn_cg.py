@@ -26,6 +26,9 @@ from tests.dist_helpers import spawn
 # small enough for a dense float64 GGN in a second (about 500 parameters, 12 tokens x 16 logits)
 LLAMA_TEST = ModelConfig("llama", vocab_size=16, seq_len=6, d_model=4, n_layers=2, n_heads=1,
                          d_ff=8)
+# LayerNorm, biases, a tied head
+GPT_TEST = ModelConfig("gpt", vocab_size=16, seq_len=6, d_model=4, n_layers=2, n_heads=1,
+                       d_ff=8, bias=True, tie_embeddings=True)
 
 
 def _batches(count, seed, ignore=0):
@@ -150,9 +153,10 @@ def _blockdiag(G, ids):
     return G * (ids[:, None] == ids[None, :])
 
 
-@pytest.mark.parametrize("blocks", [None, "layer"])
-def test_one_cg_step_is_the_dense_damped_gn_step(blocks):
-    model = make_model(LLAMA_TEST)
+@pytest.mark.parametrize("cfg,blocks", [(LLAMA_TEST, None), (LLAMA_TEST, "layer"),
+                                        (GPT_TEST, None)])
+def test_one_cg_step_is_the_dense_damped_gn_step(cfg, blocks):
+    model = make_model(cfg)
     batch = _batches(1, 3, ignore=2)
     theta, g, G, names = _dense(model, batch)
     lam = 0.1
