@@ -377,3 +377,90 @@ def test_js_distances_of_block_hessian_spectra(model):
             dist = (nodes_p[:, None] - e.nodes[0][None]).abs().min(1).values
             assert float(dist.max()) < 1e-8 * float(H.abs().max())
     assert D.shape == (4, 4) and float(D.max()) > 0.1  # blocks differ
+
+
+# -- the issue's end-to-end check: `curvlab spectrum RUN_DIR` against dense float64 -------------
+
+def test_run_folder_quantities_equal_dense_float64(runs, tmp_path, capsys):
+    """For every checkpoint of the AdamW run: the stored top eigenvalues of H (whole and per
+    block), the gradient's and the step's share of the top-k eigenspace, the preconditioned
+    sharpness λ_max(P⁻¹H) with P rebuilt here from the raw optimizer state, its threshold, and
+    the blocks' Jensen-Shannon distances equal dense float64 computations."""
+    import h5py
+
+    from curvlab.cli import load_analysis_inputs
+    from tests.cli_helpers import run_cli
+
+    out = tmp_path / "along.h5"
+    code, _, err = run_cli(capsys, "spectrum", runs["adamw"], "--curvature", "hessian",
+                           "--blocks", "layer", "--k", 3, "--tol", "1e-12", "--dtype", "float64",
+                           "--cache", "off", "--gradient-share", "--sharpness",
+                           "--heterogeneity", "--probes", 2, "--steps", 10, "--no-progress",
+                           "-o", out)
+    assert code == 0, err
+    loaded = []
+    for s in (1, 2, 3):
+        model, info, _, bs = load_analysis_inputs(
+            str(runs["adamw"] / f"step_00000{s}.pt"), None, None, None, 1, None, None, "train",
+            "float64")
+        loaded.append((model, info, bs))
+    part = partition(loaded[0][0], "layer")
+    thetas = [flat_of(dict(m.named_parameters()), part).detach() for m, _, _ in loaded]
+    t = curvlab.read_trajectory(out)
+    assert list(t.steps) == [1, 2, 3] and t.block_names == part.names
+    with h5py.File(out, "r") as f:
+        for i, s in enumerate((1, 2, 3)):
+            model, info, bs = loaded[i]
+            _, g, H = dense_oracle(model, bs, part)
+            H = (H + H.T) / 2
+            w, U = torch.linalg.eigh(H)
+            top = f[f"step/{s}/spectrum/hessian/full/eigenvalues"][()]
+            np.testing.assert_allclose(top, w.flip(0)[:3].numpy(), rtol=1e-10, atol=0)
+            assert t.series["lambda_max/full"][i] == top[0]
+            # shares of the top-1..3 eigenspaces: explicit eigenvectors
+            V = U.flip(1)[:, :3]
+            want = [float((V[:, :j].T @ g).square().sum() / g.square().sum()) for j in (1, 2, 3)]
+            np.testing.assert_allclose(f[f"step/{s}/gradient/share/full"][()], want,
+                                       rtol=1e-10, atol=1e-12)
+            stepped = f[f"step/{s}/gradient/step_share/full"][()]
+            if i < 2:
+                d = thetas[i + 1] - thetas[i]
+                want = [float((V[:, :j].T @ d).square().sum() / d.square().sum())
+                        for j in (1, 2, 3)]
+                np.testing.assert_allclose(stepped, want, rtol=1e-10, atol=1e-12)
+            else:
+                assert np.isnan(stepped).all()
+            # AdamW's preconditioned sharpness: P from the raw state, eig of P⁻¹H (not symmetric)
+            raw = torch.load(runs["adamw"] / f"step_00000{s}.pt", weights_only=True)
+            stored = raw["extra"]["trainer"]["method"]["optimizer"]
+            names = [n for n, _ in model.named_parameters()]
+            shapes = dict(model.named_parameters())
+            hidden = [n for n in names if n.startswith("layers.") and shapes[n].ndim == 2]
+            order = hidden + [n for n in names if shapes[n].ndim == 2 and n not in hidden] + \
+                [n for n in names if shapes[n].ndim == 1]
+            v = flat_of({n: stored["state"][j]["exp_avg_sq"].double()
+                         for j, n in enumerate(order)}, part)
+            p = (v / (1 - 0.99**s)).sqrt() + 1e-3
+            lam = float(np.linalg.eigvals((H / p[:, None]).numpy()).real.max())
+            sg = f[f"step/{s}/sharpness"]
+            assert sg.attrs["kind"] == "adam"
+            assert abs(sg.attrs["value"] - lam) < 1e-10 * lam
+            eta = stored["param_groups"][0]["lr"]
+            assert sg.attrs["lr"] == pytest.approx(eta, rel=1e-14)
+            assert sg.attrs["threshold"] == pytest.approx((2 + 2 * 0.8) / (0.2 * eta), rel=1e-14)
+            assert t.series["sharpness"][i] == sg.attrs["value"]
+            # per block: top eigenvalue of the dense diagonal block; JS of the stored densities
+            for b, (off, size) in enumerate(zip(part.offsets, part.sizes)):
+                wb = torch.linalg.eigvalsh(H[off:off + size, off:off + size])
+                assert abs(t.series["block_lambda_max"][i, b] - float(wb[-1])) < 1e-10 * w[-1]
+            dens = []
+            for name in part.names:
+                dg = f[f"step/{s}/spectrum/hessian/{name}/density"]
+                nodes, weights = dg["nodes"][()], dg["weights"][()]
+                dens.append(_density([x[np.isfinite(x)] for x in nodes],
+                                     [x[np.isfinite(x)] for x in weights]))
+            grid = f[f"step/{s}/heterogeneity/grid"][()]
+            all_nodes = torch.cat([torch.cat(d.nodes) for d in dens])
+            sigma = 0.01 * float(all_nodes.max() - all_nodes.min())
+            np.testing.assert_allclose(t.series["js_distance"][i],
+                                       _scipy_js(dens, grid, sigma), rtol=0, atol=1e-10)
