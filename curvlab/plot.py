@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 if TYPE_CHECKING:  # results know no figures: curvlab.compare never imports this module
     from curvlab.compare.api import CheckpointComparison, CompareResult
@@ -186,8 +187,9 @@ def figure_compare_vs_step(
         ax.plot(steps, v[:, i], marker="o", ms=4, lw=1.3, label=name)
     if log:
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _title(fig, f"Preconditioners through training (λ = {damping:g})", context)
@@ -419,8 +421,9 @@ def figure_along(
                     label=f"{threshold_label} ({label})")
     if log:
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _title(fig, title, context)
@@ -458,9 +461,9 @@ def figures_along(paths: Sequence[str]) -> Iterator[tuple[str, Figure]]:
             [r.steps for r, _ in have], [r.series["sharpness"] for r, _ in have],
             [lab for _, lab in have],
             thresholds=[r.series["sharpness_threshold"] for r, _ in have],
-            ylabel="sharpness: λ_max(P⁻¹H) (AdamW), λ_max(H) (others)", log=True,
-            title="Sharpness against the stability threshold (dashed: 38/η-formula for "
-                  "AdamW, 2/η otherwise)", context=context)
+            ylabel="λ_max(P⁻¹H) (AdamW), λ_max(H) (others)", log=True,
+            title="Sharpness against the stability threshold",
+            context=f"{context}; dashed: (2 + 2β₁)/((1 − β₁)η) for AdamW, 2/η otherwise")
     for key, ylabel in (("block_lambda_max", f"top eigenvalue of each {klabel} block"),
                         ("block_trace", f"trace of each {klabel} block")):
         have = [(r, lab) for r, lab in zip(runs, labels) if key in r.series]
@@ -472,6 +475,7 @@ def figures_along(paths: Sequence[str]) -> Iterator[tuple[str, Figure]]:
             for j, name in enumerate(r.block_names):
                 ax.plot(r.steps, r.series[key][:, j], marker="o", ms=3, lw=1.1, label=name)
             ax.set_yscale("log")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("training step")
             ax.set_title(lab, fontsize=9)
             ax.grid(alpha=0.3)
