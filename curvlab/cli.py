@@ -191,7 +191,7 @@ def _float_list(text: str | None, option: str) -> tuple[float, ...] | None:
 @click.option("--inner-lr", type=float, default=None, help="GN: inner learning rate [0.01].")
 @click.option("--warm-start/--no-warm-start", default=None,
               help="GN: start each inner solve from the previous one, keeping the inner "
-                   "optimizer's state [on].")
+                   "optimizer's state (cg: from the previous step's direction) [on].")
 @click.option("--line-search", "line_search_grid", default=None,
               help="GN: explicit step sizes tried along the direction, e.g. 1,0.5,0.25 "
                    "[1/sqrt(2)^i, i < --line-search-range].")
