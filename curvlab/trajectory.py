@@ -448,8 +448,6 @@ def spectra_along(
     if heterogeneity and len(block_targets) < 2:
         raise ConfigError("--heterogeneity compares block densities: it needs at least two "
                           "block targets (--blocks PRESET alone, or several --block)")
-    for note in info.notes:
-        say(f"note: {note}")
     options = _options(
         kind=kind, blocks=blocks if blocks is None or isinstance(blocks, str) else list(blocks),
         targets=targets, k=k, which=which, tol=tol, reorth=reorth, max_iter=max_iter,
@@ -473,6 +471,8 @@ def spectra_along(
 
     exists = resuming
     done = distributed.broadcast_object(done.tolist() if main else None)
+    for note in info.notes:  # after every check that can refuse the run
+        say(f"note: {note}")
     scratch = out.parent.absolute()
     plan = None
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
@@ -613,7 +613,8 @@ def _quantities(i, cks, model, info, op, part, batches, results, *, load, gradie
     if sharpness:
         hess = op if kind == "hessian" else curvature_operator(
             "hessian", model, batches, part, precision=precision)
-        hess.engine.set_cache(cached)  # as the memory plan chose for the main operator
+        if hess is not op:  # the main operator already ran products (and chose its cache)
+            hess.engine.set_cache(cached)  # as the memory plan chose for the main operator
         lr = sh.checkpoint_lr(info)
         betas = ((info.extra or {}).get("train_config") or {}).get("betas")
         p = sh.adam_preconditioner(info, hess, model)

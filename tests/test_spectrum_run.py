@@ -215,6 +215,13 @@ def test_errors_one_line_and_no_file(run, tmp_path, capsys):
                        match="needs at least two block targets")
     assert not out.exists()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    plain = tmp_path / "plain.h5"  # --resume of a file that has no step axis: refused, kept
+    prov = curvlab.store.make_provenance(other, {}, {}, "float64", "cpu")
+    curvlab.store.create_file(plain, prov, curvlab.partition(build_model(CFG), "layer")).close()
+    before = plain.read_bytes()
+    assert_clean_error(capsys, "spectrum", run / "adamw", "--k", 1, "--resume", "-o", plain,
+                       match="not a step-axis results file")
+    assert plain.read_bytes() == before
 
 
 def test_plot_one_and_two_runs(run, tmp_path, capsys):
