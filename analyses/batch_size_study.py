@@ -33,8 +33,8 @@ critical-batch-size figure), tuned and seeded, with its cost; and the study's ab
    metrics rows (``passes_total``) by the cost of each pass kind in gradients, measured once in
    this process on the study's model and micro-batch (``benchmarks/pass_costs.py`` ->
    ``pass_costs.json``). Figures: ``steps_vs_batch.png`` (median and range),
-   ``cost_curves.png`` (validation loss against outer steps, tokens read and training seconds,
-   every seed, one row per setting), ``gn_diagnostics.png``.
+   ``cost_curves.png`` (validation loss against outer steps, tokens read, gradient-equivalents
+   and training seconds, every seed, one row per setting), ``gn_diagnostics.png``.
 
 ``--ablations`` (at ``ablation_batches`` micro-batches per step): GN and GN-prox with the global
 cosine, constant + inner cosine and constant schedules, and with the line search off
@@ -106,7 +106,7 @@ class Settings(CommonSettings):
     # keeps the earlier phases): (1) the sweep and the exact-GN runs of the sweep seeds,
     # (2) replicas of these methods and exact-GN replicas at these settings, (3) the rest
     replicate_first: tuple[str, ...] = ("gn", "muon", "soap")
-    exact_replica_batches: tuple[int, ...] = (4, 16)
+    exact_replica_batches: tuple[int, ...] = ()
     exact: bool = True
     cg_tol: float = 1e-6
     cg_max_iter: int = 10
@@ -168,7 +168,8 @@ def _train_one(job: tuple[dict, dict]) -> dict | None:
     cfg = TrainConfig.from_dict(cfg_dict)
     done = Path(cfg.out) / "row.json"
     if done.exists():
-        return json.loads(done.read_text())
+        row = json.loads(done.read_text())
+        return None if "diverged" in row else row
     cfg = cfg.replace(resume=has_run(Path(cfg.out)))
     t, cpu = time.perf_counter(), _cpu_seconds()
     try:
@@ -176,6 +177,8 @@ def _train_one(job: tuple[dict, dict]) -> dict | None:
     except TrainingDivergedError as e:
         print(f"{meta['method']:<10} M={meta['batches']:<3} seed {meta['seed']} lr "
               f"{meta['lr']!s:<7} diverged: {e}", flush=True)
+        done.write_text(json.dumps({**meta, "diverged": str(e),  # not rerun either
+                                    "cpu_s": round(_cpu_seconds() - cpu, 1)}))
         return None
     rows = [h for h in r.history if h["val_loss"] is not None]
     grid = cfg.line_search_grid if cfg.is_gn and cfg.use_line_search else ()
@@ -291,8 +294,9 @@ def study(s: Settings, warm: dict[int, Path], out: Path, workers: int,
 
 
 def finished_rows(out: Path) -> list[dict]:
-    """Every finished run's row under ``out/runs``."""
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/*/row.json"))]
+    """Every finished run's row under ``out/runs`` (diverged runs left out)."""
+    rows = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/*/row.json"))]
+    return [r for r in rows if "diverged" not in r]
 
 
 def pass_costs(s: Settings, out: Path) -> dict:
@@ -523,7 +527,7 @@ def _plot(chosen: dict[tuple[int, str], list[dict]], s: Settings, out: Path,
     plt.close(fig)
 
     # validation loss against steps, tokens read (solve + line search) and training seconds
-    fig, axes = plt.subplots(len(s.batches), 3, figsize=(13, 3.3 * len(s.batches)),
+    fig, axes = plt.subplots(len(s.batches), 4, figsize=(17, 3.3 * len(s.batches)),
                              squeeze=False)
     for row, M in zip(axes, s.batches):
         for m in methods:
@@ -532,6 +536,7 @@ def _plot(chosen: dict[tuple[int, str], list[dict]], s: Settings, out: Path,
                 xs = ([c[0] for c in r["curve"]],
                       [(x["tokens_solve"] or 0) + (x["tokens_line_search"] or 0)
                        for x in r["costs"]],
+                      [_grad_equiv(x["passes"], ratios) or 0 for x in r["costs"]],
                       [x["train_s"] for x in r["costs"]])
                 for ax, x in zip(row, xs):
                     if None in x:
@@ -542,12 +547,11 @@ def _plot(chosen: dict[tuple[int, str], list[dict]], s: Settings, out: Path,
                                         f" (lr {pick_lr(chosen, M, m):g})")) if i == 0
                             else None)
         for ax, name in zip(row, ("outer step", "tokens read (solve + line search)",
+                                  "gradient-equivalents (measured pass costs)",
                                   "training seconds (loaded 2-core VM)")):
             ax.axhline(s.target_loss, color="gray", linewidth=0.8, linestyle=":")
             ax.set_xlabel(name)
             ax.set_title(f"{M} micro-batches ({M * tokens:,} tokens) per step", fontsize=9)
-        row[1].set_xscale("log")
-        row[2].set_xscale("log")
         row[0].set_ylabel("validation loss")
         row[0].legend(fontsize=7)
     fig.tight_layout()
