@@ -186,12 +186,16 @@ def _float_list(text: str | None, option: str) -> tuple[float, ...] | None:
                    "at, in (0, 1) [1e-6].")
 @click.option("--cg-max-iter", type=int, default=None,
               help="GN with --inner-optimizer cg: CG iterations per block at most [100].")
+@click.option("--cg-warm-start", type=click.Choice(["point", "direction"]), default=None,
+              help="GN with --inner-optimizer cg and a warm start: start CG at the previous "
+                   "solution's point, x0 = (1-α)Δ (the reference's rule for the inner "
+                   "variables), or at the previous direction, x0 = Δ [point].")
 @click.option("--inner-steps", type=int, default=None,
               help="GN: inner steps per outer step, one micro-batch each [16].")
 @click.option("--inner-lr", type=float, default=None, help="GN: inner learning rate [0.01].")
 @click.option("--warm-start/--no-warm-start", default=None,
               help="GN: start each inner solve from the previous one, keeping the inner "
-                   "optimizer's state (cg: from the previous step's direction) [on].")
+                   "optimizer's state (cg: see --cg-warm-start) [on].")
 @click.option("--line-search", "line_search_grid", default=None,
               help="GN: explicit step sizes tried along the direction, e.g. 1,0.5,0.25 "
                    "[1/sqrt(2)^i, i < --line-search-range].")
@@ -235,7 +239,7 @@ def train(optimizer, preset_name, init_path, data_source, seq_len, micro_batch_s
           warmup_steps, ema_decay, max_steps,
           target_loss, eval_every, eval_batches, checkpoint_every, out, resume, device, dtype,
           progress, tokenizer=None, text_field=None, precision=None, cg_tol=None,
-          cg_max_iter=None) -> None:
+          cg_max_iter=None, cg_warm_start=None) -> None:
     """Train with AdamW, Muon, SOAP or (layerwise) Gauss-Newton, writing checkpoints that the
     analysis commands read."""
     from curvlab.train import TrainConfig
@@ -255,6 +259,7 @@ def train(optimizer, preset_name, init_path, data_source, seq_len, micro_batch_s
         target_loss=target_loss, eval_every=eval_every, eval_batches=eval_batches,
         checkpoint_every=checkpoint_every, out=out, resume=resume, device=device, dtype=dtype,
         precision=precision, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
+        cg_warm_start=cg_warm_start,
     )
     config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
     # under torchrun every process trains on its rows of each micro-batch; rank 0 writes

@@ -238,14 +238,16 @@ def _dense_cg(A, b, x0, iterations):
     return x
 
 
-@pytest.mark.parametrize("warm", [True, False])
-def test_warm_start_is_the_previous_solution(warm):
+@pytest.mark.parametrize("rule", ["point", "direction", None])
+def test_warm_start_is_the_previous_solution(rule):
     """Two steps of 4 CG iterations each (not converged, so the start matters), step 0.5: the
-    second solve starts from the first step's Δ (warm) or from 0."""
+    second solve starts at the first solution's point θ_0 + Δ_0, i.e. x0 = (1 − 0.5) Δ_0 (the
+    reference's rule, "point"), at x0 = Δ_0 ("direction") or at 0 (no warm start)."""
     model = make_model(LLAMA_TEST)
     lam, its = 0.1, 4
     opt = GaussNewton(model, inner="cg", damping=lam, line_search=[0.5], cg_tol=1e-14,
-                      cg_max_iter=its, warm_start=warm)
+                      cg_max_iter=its, warm_start=rule is not None,
+                      cg_warm_start=rule or "point")
     first, second = _batches(1, 30), _batches(1, 40)
     theta, g, G, _ = _dense(model, first)
     eye = torch.eye(len(g), dtype=g.dtype)
@@ -254,11 +256,35 @@ def test_warm_start_is_the_previous_solution(warm):
     assert r1.step_size == 0.5 and not r1.cg_converged and r1.cg_iterations == its
     assert (_flat_params(model) - (theta + 0.5 * d1)).abs().max() <= 1e-9
     theta2, g2, G2, _ = _dense(model, second)
-    d2 = _dense_cg(G2 + lam * eye, -g2, d1 if warm else torch.zeros_like(g2), its)
+    x0 = {"point": 0.5 * d1, "direction": d1, None: torch.zeros_like(g2)}[rule]
+    d2 = _dense_cg(G2 + lam * eye, -g2, x0, its)
     r2 = opt.step(second, _batches(1, 60))
     assert (_flat_params(model) - (theta2 + 0.5 * d2)).abs().max() <= 1e-9
+    warm = rule is not None
     assert r2.passes["ggn_product"] == its + (1 if warm else 0)  # x0 costs one product
     assert (opt.cg_delta is not None) == warm
+
+
+def test_point_warm_start_after_a_full_step_starts_from_zero():
+    """α = 1 puts θ_{t+1} at the solution's point: the reference's rule starts the next solve
+    at x0 = 0 (no product spent on x0), the "direction" rule at Δ_t."""
+    lam, its = 0.1, 4
+    for rule, warm_products in (("point", 0), ("direction", 1)):
+        model = make_model(LLAMA_TEST)
+        opt = GaussNewton(model, inner="cg", damping=lam, line_search=[1.0], cg_tol=1e-14,
+                          cg_max_iter=its, cg_warm_start=rule)
+        opt.step(_batches(1, 30), _batches(1, 50))
+        theta2, g2, G2, _ = _dense(model, _batches(1, 40))
+        x0 = torch.zeros_like(g2) if rule == "point" else opt_delta(opt)
+        d2 = _dense_cg(G2 + lam * torch.eye(len(g2), dtype=g2.dtype), -g2, x0, its)
+        r2 = opt.step(_batches(1, 40), _batches(1, 60))
+        assert (_flat_params(model) - (theta2 + d2)).abs().max() <= 1e-9
+        assert r2.passes["ggn_product"] == its + warm_products
+
+
+def opt_delta(opt):
+    """The stored warm start x0 of a cg GaussNewton, flat in named_parameters() order."""
+    return torch.cat([opt.cg_delta[n].reshape(-1) for n in opt.names])
 
 
 def test_warm_start_survives_state_dict():
@@ -313,6 +339,10 @@ def test_cg_refusals():
         TrainConfig(optimizer="gn", inner_optimizer="cg", cg_tol=2.0)
     with pytest.raises(ConfigError, match="cg-max-iter"):
         TrainConfig(optimizer="gn", inner_optimizer="cg", cg_max_iter=0)
+    with pytest.raises(ConfigError, match="cg-warm-start"):
+        GaussNewton(model, inner="cg", cg_warm_start="previous")
+    with pytest.raises(ConfigError, match="cg-warm-start"):
+        TrainConfig(optimizer="gn", inner_optimizer="cg", cg_warm_start="x")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -343,7 +373,8 @@ def _cg_config(init, **kw):
 def test_train_with_cg_resumes_with_its_warm_start(tmp_path, init_ckpt):
     """3 CG iterations (not converged), so the resumed run must start step 4's solve from the
     stored Δ of step 3 to equal the uninterrupted run."""
-    cfg = _cg_config(init_ckpt, max_steps=4, checkpoint_every=2)
+    # step sizes below 1: the reference's warm start x0 = (1 − α) Δ is never 0
+    cfg = _cg_config(init_ckpt, max_steps=4, checkpoint_every=2, line_search=(0.5, 0.25))
     whole = train(cfg.replace(out=str(tmp_path / "whole")))
 
     class Interrupt(Exception):

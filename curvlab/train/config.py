@@ -34,7 +34,11 @@ class TrainingDivergedError(CurvlabError):
     """The loss or the parameters became NaN or Inf."""
 
 
-def check_cg(inner: Any, mode: str, tol: float, max_iter: int) -> None:
+CG_WARM_STARTS = ("point", "direction")
+
+
+def check_cg(inner: Any, mode: str, tol: float, max_iter: int,
+             warm_start: str = "point") -> None:
     """Refuse, in one line, a cg inner solve that cannot run: GN-prox (its inner problem is the
     cross-entropy of the linearized logits, not a quadratic), ``tol`` outside ``(0, 1)``,
     ``max_iter`` < 1. The tolerances are checked whatever the solver, so that a bad value is
@@ -48,6 +52,9 @@ def check_cg(inner: Any, mode: str, tol: float, max_iter: int) -> None:
         raise ConfigError(f"cg-tol must be a relative residual in (0, 1), got {tol}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ConfigError(f"cg-max-iter must be an integer >= 1, got {max_iter}")
+    if warm_start not in CG_WARM_STARTS:
+        raise ConfigError(f"cg-warm-start must be one of {', '.join(CG_WARM_STARTS)}, got "
+                          f"{warm_start!r}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,7 @@ class TrainConfig:
     inner_lr: float = 0.01
     cg_tol: float = 1e-6
     cg_max_iter: int = 100
+    cg_warm_start: str = "point"
     warm_start: bool = True
     use_line_search: bool = True
     line_search: tuple[float, ...] | None = None
@@ -138,7 +146,7 @@ class TrainConfig:
               f"unknown inner optimizer {self.inner_optimizer!r}; valid: "
               f"{', '.join(INNER_SOLVERS)}")
         check_cg(self.inner_optimizer, self.mode if self.is_gn else "gn", self.cg_tol,
-                 self.cg_max_iter)
+                 self.cg_max_iter, self.cg_warm_start)
         check(self.preset is None or self.preset in PRESETS,
               f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         check(self.schedule in SCHEDULES,
@@ -227,7 +235,8 @@ class TrainConfig:
         shared = ["betas", "eps", "weight_decay", "grad_clip", "schedule", "warmup_steps",
                   "final_lr_frac", "ema_decay", "max_steps", "micro_batch_size"]
         if self.is_gn and self.inner_optimizer == "cg":  # no lr, schedule or moments apply
-            keys = ["inner_optimizer", "inner_steps", "cg_tol", "cg_max_iter", "warm_start",
+            keys = ["inner_optimizer", "inner_steps", "cg_tol", "cg_max_iter", "cg_warm_start",
+                    "warm_start",
                     "use_line_search", "line_search", "line_search_range",
                     "line_search_batches", "damping"]
             shared = ["max_steps", "micro_batch_size", "ema_decay"]

@@ -245,8 +245,12 @@ class GaussNewton:
     reports and the line search scores (:func:`curvlab.train.gn.cg_direction`); every block
     solves its own diagonal block, then one line search on the merged step. No learning rate,
     schedule, weight decay, momentum or clipping applies to it (``GNStep.lr`` is 0). Its warm
-    start is the previous step's solution ``Δ_{t−1}`` as ``x0`` (``warm_start=False``: ``x0 =
-    0``); ``mode="prox"`` refuses it (the prox-linear inner problem is not quadratic).
+    start is the reference's rule for the inner variables (module docstring, step 4): the next
+    solve starts at the previous solution's point ``θ' = θ_{t−1} + Δ_{t−1}``, i.e. ``x0 = (1 −
+    α_{t−1}) Δ_{t−1}`` (``0`` after a full step) with ``cg_warm_start="point"`` (default);
+    ``cg_warm_start="direction"`` starts from ``x0 = Δ_{t−1}`` instead (a deviation, measured in
+    docs/optim.md); ``warm_start=False``: ``x0 = 0``. ``mode="prox"`` refuses cg (the
+    prox-linear inner problem is not quadratic).
     schedule: ``"constant"`` (default here), ``"cosine"`` (one global cosine over all
     ``total_steps × inner steps`` inner steps; ``curvlab train``'s default) or
     ``"constant+inner-cosine"``; see :mod:`curvlab.train.schedules`.
@@ -273,14 +277,14 @@ class GaussNewton:
         warm_start: bool = True, schedule: str = "constant", total_steps: int | None = None,
         warmup_steps: int = 0, final_lr_frac: float = 0.0,
         logits_fn: LogitsFn | None = None, ignore_index: int = -100, precision: str = "fp32",
-        cg_tol: float = 1e-6, cg_max_iter: int = 100,
+        cg_tol: float = 1e-6, cg_max_iter: int = 100, cg_warm_start: str = "point",
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"unknown GN mode {mode!r}; expected one of {', '.join(MODES)}")
         if isinstance(inner, str) and inner not in INNER_SOLVERS:
             raise ConfigError(f"unknown inner optimizer {inner!r}; valid: "
                               f"{', '.join(INNER_SOLVERS)}, or a callable")
-        check_cg(inner, mode, cg_tol, cg_max_iter)
+        check_cg(inner, mode, cg_tol, cg_max_iter, cg_warm_start)
         if schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
         if schedule == "cosine" and not total_steps:
@@ -323,6 +327,7 @@ class GaussNewton:
         self.precision = check_precision(precision, next(model.parameters()).dtype)
         self.steps = 0
         self.cg_tol, self.cg_max_iter = float(cg_tol), int(cg_max_iter)
+        self.cg_warm_start = cg_warm_start
         # the inner variables θ' of the first-order inner solvers; cg keeps its last Δ instead
         self.point: Tensors = ({} if inner == "cg" else
                                {n: model.get_parameter(n).detach().clone() for n in self.names})
@@ -339,7 +344,8 @@ class GaussNewton:
                    line_search=(cfg.line_search_grid if cfg.use_line_search else False),
                    warm_start=cfg.warm_start, schedule=cfg.schedule, total_steps=cfg.max_steps,
                    warmup_steps=cfg.warmup_steps, final_lr_frac=cfg.final_lr_frac,
-                   precision=cfg.precision, cg_tol=cfg.cg_tol, cg_max_iter=cfg.cg_max_iter)
+                   precision=cfg.precision, cg_tol=cfg.cg_tol, cg_max_iter=cfg.cg_max_iter,
+                   cg_warm_start=cfg.cg_warm_start)
 
     @staticmethod
     def _blocks(model: nn.Module, spec: Any, trainable: list[str]) -> list[list[str]]:
@@ -477,9 +483,11 @@ class GaussNewton:
             for k in self.names:
                 params[k].add_(d.delta[k], alpha=alpha)
         # warm start as the reference: the inner variables θ' stay where the solve left them;
-        # cg starts its next solve from this step's Δ
+        # for cg that point is θ_t + Δ_t, so the next solve (at θ_{t+1}) starts at (1 − α) Δ_t
         if self.inner == "cg" and self.warm_start:
-            self.cg_delta = {k: d.delta[k].detach().clone() for k in self.names}
+            keep = 1.0 if self.cg_warm_start == "direction" else 1.0 - alpha
+            self.cg_delta = (None if keep == 0.0 else
+                             {k: keep * d.delta[k].detach() for k in self.names})
         self.steps += 1
         passes = dict(d.passes)
         passes["loss"] = passes.get("loss", 0) + len(steps) * len(scored)
@@ -502,8 +510,8 @@ class GaussNewton:
 
     def state_dict(self) -> dict[str, Any]:
         """The warm-start point ``θ'``, the inner optimizer's state (None for cg), cg's warm
-        start ``cg_delta`` (the last Δ, or None) and the outer step count: with the model's
-        own ``state_dict`` everything a resumed run needs."""
+        start ``cg_delta`` (the next solve's ``x0``, or None for 0) and the outer step count:
+        with the model's own ``state_dict`` everything a resumed run needs."""
         return {"point": {k: v.detach().clone() for k, v in self.point.items()},
                 "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
                 "steps": self.steps,
