@@ -59,18 +59,21 @@ class Settings(StudySettings):
     probes: int = 2
     slq_steps: int = 24
     spectra_dtype: str = "float64"
+    # the Hessian's own top-k and shares (a second file per run); off on the CPU (budget): the
+    # sharpness gives λ_max(H) for every method but AdamW
+    hessian_pass: bool = False
 
 
 QUICK = dict(warmup_steps=20, batches=(4,), outer_steps=4, checkpoint_every=2, target_loss=3.0,
              eval_batches=2, spectra_every=2, analysis_batches=1, k=2, probes=1, slq_steps=8)
 GPU = {**STUDY_GPU, "batches": (64,), "outer_steps": 40, "checkpoint_every": 5,
        "spectra_every": 5, "analysis_batches": 8, "k": 10, "tol": 1e-6, "probes": 8,
-       "slq_steps": 80}
+       "slq_steps": 80, "hessian_pass": True}
 
 
 # the figures copied to the docs (--figures); all of them are in OUT/figures/{ggn,hessian}
 DOC_FIGURES = {"ggn": ("lambda_max_full", "sharpness", "heterogeneity", "gradient_share_full",
-                       "block_lambda_max"),
+                       "step_share_full", "block_lambda_max"),
                "hessian": ("lambda_max_full", "gradient_share_full", "step_share_full")}
 
 
@@ -120,8 +123,8 @@ def spectra(s: Settings, out: Path, workers: int) -> list[dict]:
       (top ``k``, SLQ densities, per-block top eigenvalue/trace and Jensen-Shannon distances:
       ``heterogeneity``), the gradient's and the step's share of each top-``k`` eigenspace, and
       the sharpness (AdamW: ``λ_max(P⁻¹H)``, others ``λ_max(H)``) beside its threshold;
-    - ``<run>-hessian.h5``: the Hessian's top ``k`` and the gradient/step shares of its top-``k``
-      eigenspace.
+    - ``<run>-hessian.h5`` (``hessian_pass``): the Hessian's top ``k`` and the gradient/step
+      shares of its top-``k`` eigenspace.
     """
     common = dict(blocks="layer", k=s.k, tol=s.tol, seed=0, dtype=s.spectra_dtype,
                   device=s.device, data={"batches": s.analysis_batches})
@@ -133,7 +136,7 @@ def spectra(s: Settings, out: Path, workers: int) -> list[dict]:
                      "kind": "ggn", "full": True, "density": True, "probes": s.probes,
                      "steps": s.slq_steps, "heterogeneity": True, "gradient_share": True,
                      "sharpness": True, **common})
-    for method, lr in METHODS.items():
+    for method, lr in METHODS.items() if s.hessian_pass else ():
         name = run_folder(out, method, lr).name
         cks = _checkpoints(run_folder(out, method, lr), s.spectra_every)
         jobs.append({"out": str(out / "spectra" / f"{name}-hessian.h5"), "checkpoints": cks,
@@ -158,55 +161,75 @@ def _f(x: float, fmt: str = "{:.3g}") -> str:
     return "-" if x is None or not np.isfinite(x) else fmt.format(x)
 
 
+def _series_at(path: Path, key: str, step: int) -> float:
+    """``series[key]`` of a step-axis file at ``step`` (NaN: no file, step not done)."""
+    from curvlab import read_trajectory
+
+    if not path.exists():
+        return float("nan")
+    t = read_trajectory(path)
+    hit = np.nonzero((t.steps == step) & t.complete)[0]
+    return float(t.series[key][hit[0]]) if len(hit) and key in t.series else float("nan")
+
+
 def report(s: Settings, out: Path, figures: Path | None = None) -> str:
     """``table.md`` and ``summary.json`` from the step-axis files; the figures (``curvlab
-    plot`` of the files, overlaid per quantity) into ``out/figures`` (and ``figures``)."""
+    plot`` of the files, overlaid per quantity) into ``out/figures`` (and ``figures``).
+    λ_max(H): from the Hessian pass where it ran, else the sharpness file's λ_max(H) (every
+    method but AdamW, whose sharpness is λ_max(P⁻¹H))."""
     from curvlab import read_trajectory
     from curvlab.plot import render_along
 
+    tokens = s.analysis_batches * s.micro_batch_size * s.seq_len
     lines = [f"preset {s.preset}, {s.batches[0]} micro-batches of {s.micro_batch_size}x"
              f"{s.seq_len} tokens per outer step, {s.outer_steps} outer steps from one AdamW "
              f"warm-up; curvature of the mean token cross-entropy on {s.analysis_batches} "
-             f"analysis micro-batches ({s.analysis_batches * s.micro_batch_size * s.seq_len:,} "
-             f"tokens), {s.spectra_dtype}; shares in the top-{s.k} eigenspace", "",
-             "| run | step | val loss | λ_max(G) | λ_max(H) | g share (H) | g share (G) | "
-             "step share (H) | sharpness | threshold | sharpness / threshold | "
-             "mean JS (G blocks) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"analysis micro-batches ({tokens:,} tokens), {s.spectra_dtype}; G = GGN, "
+             f"H = Hessian; shares of the gradient g and of the step to the next analyzed "
+             f"checkpoint in the top-{s.k} eigenspace of G; JS: Jensen-Shannon distance "
+             "between the layer blocks' GGN densities (mean / max over pairs)", "",
+             "| run | step | val loss | λ_max(G) | λ_max(H) | g share | step share | "
+             "sharpness | threshold | sharpness / threshold | JS mean / max |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = []
     for method, lr in METHODS.items():
         folder = run_folder(out, method, lr)
         g = read_trajectory(out / "spectra" / f"{folder.name}-ggn.h5")
-        h = read_trajectory(out / "spectra" / f"{folder.name}-hessian.h5")
+        hess = out / "spectra" / f"{folder.name}-hessian.h5"
         val = _val_losses(folder)
         for i, step in enumerate(g.steps):
-            j = int(np.nonzero(h.steps == step)[0][0])
+            if not g.complete[i]:
+                continue
             sharp, th = g.series["sharpness"][i], g.series["sharpness_threshold"][i]
             kind = str(g.series["sharpness_kind"][i])
+            lam_h = _series_at(hess, "lambda_max/full", int(step))
+            if not np.isfinite(lam_h) and kind != "adam":
+                lam_h = float(sharp)
             js = g.series["js_distance"][i]
             b = js.shape[0]
+            off = js[~np.eye(b, dtype=bool)]
             row = {"method": method, "lr": lr, "step": int(step), "val_loss": val.get(int(step)),
                    "lambda_max_ggn": float(g.series["lambda_max/full"][i]),
-                   "lambda_max_hessian": float(h.series["lambda_max/full"][j]),
-                   "gradient_share_hessian": float(h.series["gradient_share/full"][j]),
+                   "lambda_max_hessian": lam_h,
                    "gradient_share_ggn": float(g.series["gradient_share/full"][i]),
-                   "step_share_hessian": float(h.series["step_share/full"][j]),
+                   "step_share_ggn": float(g.series["step_share/full"][i]),
+                   "gradient_share_hessian": _series_at(hess, "gradient_share/full", int(step)),
                    "sharpness": float(sharp), "sharpness_kind": kind,
                    "threshold": float(th), "lr_at_step": float(g.series["lr"][i]),
                    "block_lambda_max": g.series["block_lambda_max"][i].tolist(),
                    "block_trace": g.series["block_trace"][i].tolist(),
                    "blocks": g.block_names, "js": js.tolist(),
-                   "mean_js": float(js.sum() / (b * (b - 1)))}
+                   "mean_js": float(off.mean()), "max_js": float(off.max())}
             summary.append(row)
             label = {"adam": "λ(P⁻¹H)", "gd": "λ(H)", "none": "λ(H)"}.get(kind, kind)
+            ratio = sharp / th if np.isfinite(th) else np.nan
             lines.append(
                 f"| {method} | {step} | {_f(row['val_loss'], '{:.3f}')} | "
-                f"{_f(row['lambda_max_ggn'])} | {_f(row['lambda_max_hessian'])} | "
-                f"{_f(row['gradient_share_hessian'], '{:.2f}')} | "
+                f"{_f(row['lambda_max_ggn'])} | {_f(lam_h)} | "
                 f"{_f(row['gradient_share_ggn'], '{:.2f}')} | "
-                f"{_f(row['step_share_hessian'], '{:.3f}')} | {label} {_f(sharp)} | "
-                f"{'38/η' if kind == 'adam' else '2/η' if kind == 'gd' else ''} {_f(th)} | "
-                f"{_f(sharp / th if np.isfinite(th) else np.nan, '{:.3f}')} | "
-                f"{_f(row['mean_js'], '{:.3f}')} |")
+                f"{_f(row['step_share_ggn'], '{:.3f}')} | {label} {_f(sharp)} | "
+                f"{'38/η ' if kind == 'adam' else '2/η ' if kind == 'gd' else ''}{_f(th)} | "
+                f"{_f(ratio, '{:.3f}')} | {row['mean_js']:.3f} / {row['max_js']:.3f} |")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"settings": asdict(s), "rows": summary},
@@ -216,6 +239,8 @@ def report(s: Settings, out: Path, figures: Path | None = None) -> str:
     for kind in ("ggn", "hessian"):
         paths = [str(out / "spectra" / f"{run_folder(out, m, lr).name}-{kind}.h5")
                  for m, lr in METHODS.items()]
+        if not all(Path(p).exists() for p in paths):
+            continue
         for path in render_along(paths, str(figs / kind)):
             if figures is not None and Path(path).stem in DOC_FIGURES[kind]:
                 figures.mkdir(parents=True, exist_ok=True)
