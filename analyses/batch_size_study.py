@@ -22,7 +22,11 @@ critical-batch-size figure), tuned and seeded, with its cost; and the study's ab
    - **exact GN** (``gn-cg``, every seed and setting): GN whose inner solve is conjugate
      gradients on exact GGN products to ``cg_tol`` (at most ``cg_max_iter`` iterations), no
      inner learning rate; these runs stop at ``cg_stop_loss`` (their cost), the others run all
-     ``outer_steps``.
+     ``outer_steps``. At ``damping = 0`` (the paper's GN) G is singular and ``cg_max_iter`` binds:
+     a truncated-CG GN step;
+   - **damped exact GN** (``gn-cg-damped``, the seeds of ``damped_seeds``, every setting): the
+     same with ``damping = exact_damping`` and ``damped_cg_max_iter`` iterations, enough for CG
+     to reach ``cg_tol``: the exact step of the damped GN model ``(G + λI) Δ = −g``.
 
    A run's seed sets its warm-up, its training micro-batches and its validation micro-batches.
 3. Report (``table.md``, ``summary.json``): per setting and method the chosen learning rate,
@@ -77,7 +81,9 @@ from gn_vs_baselines import (  # noqa: E402
 from curvlab.train import TrainConfig, TrainingDivergedError, train  # noqa: E402
 
 GN_METHODS = ("gn", "gn-prox", "layerwise-gn", "layerwise-gn-prox")
-EXACT = "gn-cg"  # GN with the CG inner solver (the exact GN step)
+EXACT = "gn-cg"  # GN with the CG inner solver at λ = 0 (truncated at cg_max_iter iterations)
+DAMPED = "gn-cg-damped"  # the same at λ = exact_damping, CG to cg_tol (the exact damped step)
+EXACTS = (EXACT, DAMPED)
 BASELINES = ("adamw", "muon", "soap")
 
 
@@ -111,12 +117,18 @@ class Settings(CommonSettings):
     cg_tol: float = 1e-6
     cg_max_iter: int = 10
     cg_stop_loss: float | None = 2.1  # the exact-GN runs stop at this validation loss
+    # the damped exact GN row: λ, CG iterations enough for cg_tol at this λ (docs/optim.md:
+    # ~60 at λ = 0.1 on this model), the seeds it runs on (trimmed to the CPU budget)
+    exact_damping: float | None = 0.1
+    damped_cg_max_iter: int = 100
+    damped_seeds: tuple[int, ...] = (0,)
     ablation_batches: int = 16
 
 
 QUICK = dict(warmup_steps=20, batches=(1, 2), outer_steps=4, target_loss=3.0,
              eval_batches=2, lrs={"adamw": [3e-3], "muon": [1e-2, 3e-2], "soap": [3e-3]},
              gn_lrs={"gn": [3e-3, 1e-2]}, seeds=(0, 1), cg_max_iter=3, cg_stop_loss=None,
+             damped_cg_max_iter=5,
              skip=(), exact_replica_batches=(1,), ablation_batches=2)
 GPU = dict(preset="45m", device="cuda", seq_len=512, micro_batch_size=16, warmup_steps=300,
            batches=(4, 16, 64), outer_steps=100, target_loss=1.6, eval_every=5,
@@ -136,10 +148,12 @@ def _has_cg() -> bool:
 
 def _config(s: Settings, warm: Path, out: Path, method: str, lr: float | None, batches: int,
             seed: int = 0, **changes) -> TrainConfig:
-    if method == EXACT:
+    if method in EXACTS:
+        damped = method == DAMPED
         per_step = dict(optimizer="gn", inner_steps=batches, inner_optimizer="cg",
-                        cg_tol=s.cg_tol, cg_max_iter=s.cg_max_iter,
-                        target_loss=s.cg_stop_loss)
+                        cg_tol=s.cg_tol, target_loss=s.cg_stop_loss,
+                        cg_max_iter=s.damped_cg_max_iter if damped else s.cg_max_iter,
+                        damping=s.exact_damping if damped else 0.0)
     elif method in GN_METHODS:
         per_step = dict(optimizer=method, inner_steps=batches, inner_lr=lr)
     else:
@@ -220,8 +234,8 @@ def run_all(jobs: list[tuple[TrainConfig, dict]], workers: int) -> list[dict]:
 
 def _cost(method: str, batches: int) -> int:
     """Relative cost of a run, to start the most expensive first (workers finish together)."""
-    return batches * (20 if method == EXACT else 4 if "layerwise" in method
-                      else 2 if method in GN_METHODS else 1)
+    return batches * (100 if method == DAMPED else 20 if method == EXACT
+                      else 4 if "layerwise" in method else 2 if method in GN_METHODS else 1)
 
 
 def _job(s: Settings, warm: dict[int, Path], out: Path, method: str, lr: float | None,
@@ -242,7 +256,7 @@ def chosen_lrs(s: Settings, results: list[dict]) -> dict[tuple[int, str], float]
     rows = to_target([r for r in results if r["seed"] in s.sweep_seeds], s.target_loss)
     groups: dict[tuple[int, str], dict[float, list[dict]]] = {}
     for r in rows:
-        if r["method"] != EXACT:
+        if r["method"] not in EXACTS:
             groups.setdefault((r["batches"], r["method"]), {}).setdefault(r["lr"], []).append(r)
     pick = {}
     for key, by_lr in groups.items():
@@ -268,16 +282,19 @@ def study(s: Settings, warm: dict[int, Path], out: Path, workers: int,
     def by_cost(jobs: list) -> list:
         return sorted(jobs, key=lambda j: -_cost(j[1]["method"], j[1]["batches"]))
 
-    exact = s.exact and wanted(EXACT)
-    if exact and not _has_cg():
+    cg = s.exact and _has_cg()
+    if s.exact and not cg:
         print("exact GN skipped: this curvlab has no inner_optimizer='cg'", flush=True)
-        exact = False
+    exact = cg and wanted(EXACT)
     skip = {(m, M, float(lr)) for m, M, lr in s.skip}
     first = [_job(s, warm, out, m, lr, M, seed) for seed in s.sweep_seeds for M in s.batches
              for m, lrs in _sweep(s).items() if wanted(m) for lr in lrs
              if (m, M, float(lr)) not in skip]
     if exact:
         first += [_job(s, warm, out, EXACT, None, M, seed) for seed in s.sweep_seeds
+                  for M in s.batches]
+    if cg and s.exact_damping is not None and wanted(DAMPED):
+        first += [_job(s, warm, out, DAMPED, None, M, seed) for seed in s.damped_seeds
                   for M in s.batches]
     results = run_all(by_cost(first), workers)
     pick = chosen_lrs(s, results)
@@ -345,12 +362,12 @@ def report(s: Settings, results: list[dict], out: Path) -> str:
     ratios = pass_costs(s, out)["ratios"]
     pick = chosen_lrs(s, results)
     tokens = s.micro_batch_size * s.seq_len
-    methods = [m for m in (*s.gn_methods, EXACT, *s.lrs) if any(r["method"] == m for r in rows)]
+    methods = [m for m in (*s.gn_methods, *EXACTS, *s.lrs) if any(r["method"] == m for r in rows)]
     # the chosen runs: per (setting, method) every seed at the chosen learning rate
     chosen: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
         key = (r["batches"], r["method"])
-        if r["method"] == EXACT or pick.get(key) == r["lr"]:
+        if r["method"] in EXACTS or pick.get(key) == r["lr"]:
             chosen.setdefault(key, []).append(r)
     for v in chosen.values():
         v.sort(key=lambda r: r["seed"])
@@ -386,7 +403,7 @@ def report(s: Settings, results: list[dict], out: Path) -> str:
                       and math.isinf(_steps(r)) and math.isfinite(_steps(gn[r["seed"]]))]
                 if lo:
                     text += f"; > {min(lo):.1f}x GN where not reached"
-            if m == EXACT:
+            if m in EXACTS:
                 its = [i for r in runs for i in r["cg_iterations"] if i is not None]
                 res = [x for r in runs for x in r["cg_residual"] if x is not None]
                 if its:
@@ -433,7 +450,7 @@ def report(s: Settings, results: list[dict], out: Path) -> str:
     lines += ["", "pass costs in gradients (" + pass_costs(s, out)["machine"] + "): "
               + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())]
     sweep = sorted({(r["batches"], r["method"], r["lr"]) for r in rows
-                    if r["seed"] in s.sweep_seeds and r["method"] != EXACT},
+                    if r["seed"] in s.sweep_seeds and r["method"] not in EXACTS},
                    key=lambda x: (x[0], x[1], x[2]))
     lines += ["", "sweep (seed(s) " + ", ".join(map(str, s.sweep_seeds)) +
               "): steps to target / best val loss per learning rate", ""]
@@ -485,8 +502,8 @@ def ablation_jobs(s: Settings, warm: Path, out: Path) -> list[tuple[TrainConfig,
 
 def _style(m: str) -> dict:
     """One color per method in every figure (whatever subset a figure shows)."""
-    order = (*GN_METHODS, *BASELINES, EXACT)
-    gn = m in GN_METHODS or m == EXACT
+    order = (*GN_METHODS, *BASELINES, *EXACTS)
+    gn = m in GN_METHODS or m in EXACTS
     return {"linestyle": "-" if gn else "--", "marker": "o" if gn else "s",
             "color": f"C{order.index(m)}" if m in order else None}
 
@@ -499,16 +516,17 @@ def _plot(chosen: dict[tuple[int, str], list[dict]], s: Settings, out: Path,
     import matplotlib.pyplot as plt
 
     tokens = s.micro_batch_size * s.seq_len
-    methods = sorted({m for _, m in chosen}, key=lambda m: (*GN_METHODS, EXACT,
+    methods = sorted({m for _, m in chosen}, key=lambda m: (*GN_METHODS, *EXACTS,
                                                             *BASELINES).index(m))
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for m in methods:
+    for j, m in enumerate(methods):
         pts = []
+        shift = 2 ** (0.06 * (j - (len(methods) - 1) / 2))  # methods side by side, not on top
         for M in s.batches:
             steps = [_steps(r) for r in chosen.get((M, m), [])]
             if steps and math.isfinite(statistics.median(steps)):
                 fin = [x for x in steps if math.isfinite(x)]
-                pts.append((M * tokens, statistics.median(steps), min(fin), max(steps)))
+                pts.append((M * tokens * shift, statistics.median(steps), min(fin), max(steps)))
         if pts:
             x, med, lo, hi = zip(*pts)
             hi = [h if math.isfinite(h) else s.outer_steps for h in hi]
@@ -543,7 +561,7 @@ def _plot(chosen: dict[tuple[int, str], list[dict]], s: Settings, out: Path,
                         continue
                     ax.plot(x, ys, color=_style(m)["color"], linestyle=_style(m)["linestyle"],
                             linewidth=1, alpha=0.8,
-                            label=(m + ("" if m == EXACT else
+                            label=(m + ("" if m in EXACTS else
                                         f" (lr {pick_lr(chosen, M, m):g})")) if i == 0
                             else None)
         for ax, name in zip(row, ("outer step", "tokens read (solve + line search)",
@@ -561,21 +579,21 @@ def _plot(chosen: dict[tuple[int, str], list[dict]], s: Settings, out: Path,
     top = max(s.batches)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for m in methods:
-        if m not in GN_METHODS and m != EXACT:
+        if m not in GN_METHODS and m not in EXACTS:
             continue
         for i, r in enumerate(chosen.get((top, m), [])):
             xs = range(1, len(r["ls_steps"]) + 1)
             kw = dict(marker=".", color=_style(m)["color"], alpha=0.8,
                       label=m if i == 0 else None)
             a1.plot(xs, r["ls_steps"], **kw)
-            if m == EXACT:
+            if m in EXACTS:
                 a2.plot(xs, [x if x is not None else math.nan for x in r["cg_residual"]], **kw)
             else:
                 a2.plot(xs, r["inner_decrease"], **kw)
     a1.set_xlabel("outer step")
     a1.set_ylabel("line-search step size")
     a2.set_xlabel("outer step")
-    a2.set_ylabel("predicted decrease L(θ) − m(Δ) (GN) / CG residual (gn-cg)")
+    a2.set_ylabel("L(θ) − m(Δ) (GN) / CG residual (CG)")
     a2.set_yscale("symlog", linthresh=1e-3)
     a2.axhline(0, color="gray", linewidth=0.8)
     a1.legend(fontsize=8)
@@ -640,7 +658,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     methods = None if args.methods is None else set(args.methods.split(","))
-    known = {*GN_METHODS, EXACT, *BASELINES}
+    known = {*GN_METHODS, *EXACTS, *BASELINES}
     if methods is not None and not methods <= known:
         sys.exit(f"error: unknown method(s) {', '.join(sorted(methods - known))}; valid: "
                  f"{', '.join(sorted(known))}")

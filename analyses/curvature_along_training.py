@@ -59,9 +59,9 @@ class Settings(StudySettings):
     probes: int = 2
     slq_steps: int = 24
     spectra_dtype: str = "float64"
-    # the Hessian's own top-k and shares (a second file per run); off on the CPU (budget): the
-    # sharpness gives λ_max(H) for every method but AdamW
-    hessian_pass: bool = False
+    # the Hessian's own top-k and shares (a second file per run): λ_max(H) for AdamW too (the
+    # sharpness file has λ_max(P⁻¹H) there) and the gradient's share of H's top eigenspace
+    hessian_pass: bool = True
 
 
 QUICK = dict(warmup_steps=20, batches=(4,), outer_steps=4, checkpoint_every=2, target_loss=3.0,

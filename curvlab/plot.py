@@ -370,7 +370,7 @@ def render_spectra(path: str, plot_path: str) -> list[str]:
 # -- curvature along training (step-axis files of curvlab spectrum RUN_DIR) ---------------------
 
 STEP_QUANTITIES = {  # series name: (y label, title)
-    "lambda_max": ("top eigenvalue λ_max of the {kind} (mean-loss scale, log)",
+    "lambda_max": ("λ_max of the {kind} (mean loss, log)",
                    "Top {kind} eigenvalue along training"),
     "gradient_share": ("share of the gradient in the top-k eigenspace ‖V_kᵀg‖²/‖g‖²",
                        "Gradient share of the top-k {kind} eigenspace"),
