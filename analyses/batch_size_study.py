@@ -25,8 +25,9 @@ critical-batch-size figure), tuned and seeded, with its cost; and the study's ab
      ``outer_steps``. At ``damping = 0`` (the paper's GN) G is singular and ``cg_max_iter`` binds:
      a truncated-CG GN step;
    - **damped exact GN** (``gn-cg-damped``, the seeds of ``damped_seeds``, every setting): the
-     same with ``damping = exact_damping`` and ``damped_cg_max_iter`` iterations, enough for CG
-     to reach ``cg_tol``: the exact step of the damped GN model ``(G + λI) Δ = −g``.
+     same with ``damping = exact_damping`` and at most ``damped_cg_max_iter`` iterations: the
+     step of the damped GN model ``(G + λI) Δ = −g`` to ``cg_tol`` where CG gets there within
+     the limit (the report gives the largest residual).
 
    A run's seed sets its warm-up, its training micro-batches and its validation micro-batches.
 3. Report (``table.md``, ``summary.json``): per setting and method the chosen learning rate,
@@ -82,7 +83,7 @@ from curvlab.train import TrainConfig, TrainingDivergedError, train  # noqa: E40
 
 GN_METHODS = ("gn", "gn-prox", "layerwise-gn", "layerwise-gn-prox")
 EXACT = "gn-cg"  # GN with the CG inner solver at λ = 0 (truncated at cg_max_iter iterations)
-DAMPED = "gn-cg-damped"  # the same at λ = exact_damping, CG to cg_tol (the exact damped step)
+DAMPED = "gn-cg-damped"  # the same at λ = exact_damping, up to damped_cg_max_iter iterations
 EXACTS = (EXACT, DAMPED)
 BASELINES = ("adamw", "muon", "soap")
 
@@ -117,8 +118,8 @@ class Settings(CommonSettings):
     cg_tol: float = 1e-6
     cg_max_iter: int = 10
     cg_stop_loss: float | None = 2.1  # the exact-GN runs stop at this validation loss
-    # the damped exact GN row: λ, CG iterations enough for cg_tol at this λ (docs/optim.md:
-    # ~60 at λ = 0.1 on this model), the seeds it runs on (trimmed to the CPU budget)
+    # the damped exact GN row: λ, the CG iteration limit (docs/optim.md: cg_tol is reached in ~60
+    # at λ = 0.1 at the warm-up; later steps need more), the seeds (trimmed to the CPU budget)
     exact_damping: float | None = 0.1
     damped_cg_max_iter: int = 100
     damped_seeds: tuple[int, ...] = (0,)
